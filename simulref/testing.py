@@ -1,0 +1,104 @@
+"""Tiny, seeded models and a tiny tokenizer for tests and examples.
+
+They load in milliseconds and need no download, so the unit tests can exercise the
+real code paths (a real byte-level BPE tokenizer with a ChatML chat template, real
+``mlx_lm`` model classes) without a model preset. Their outputs are meaningless
+text; what matters is that they are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Enough text for a BPE with a few hundred merges in both languages the tests use.
+_TRAINING_TEXT = """
+Translate the following English paragraph to French. Translate the following sentence.
+The weather is nice today, so we are going to walk in the park.
+Il fait beau aujourd'hui, alors nous allons nous promener dans le parc.
+The quick brown fox jumps over the lazy dog. Le renard brun rapide saute par-dessus le chien.
+Sets the message levels that are sent to the client. Initialise les niveaux de message.
+canceling statement due to user request. annulation de la requête à la demande de l'utilisateur.
+I want to buy a new car because my old one is broken. Je veux acheter une nouvelle voiture.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025 3.14 — punctuation: , . ; : ! ? ( ) " ' -
+You are a helpful assistant. Vous êtes un assistant utile. Übersetze den folgenden Satz.
+"""
+
+
+@lru_cache(maxsize=None)
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with ChatML special tokens and a chat template.
+
+    Returned as an ``mlx_lm`` ``TokenizerWrapper`` around a ``PreTrainedTokenizerFast``,
+    the same kind of object ``mlx_lm.load`` returns. ``<|im_end|>`` is its EOS token.
+    """
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TRAINING_TEXT.strip().splitlines(), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    return TokenizerWrapper(hf)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None):
+    """A 2-layer ``mlx_lm`` model of architecture ``arch`` ("llama" or "qwen2") with
+    random weights drawn from ``seed``, sized for :func:`tiny_tokenizer`'s vocabulary.
+
+    Float32, so incremental and one-shot forward passes agree to about 1e-5.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    if vocab_size is None:
+        vocab_size = len(tiny_tokenizer().get_vocab())
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        rope_theta=10000.0,
+    )
+    if arch == "llama":
+        from mlx_lm.models import llama as module
+
+        args = module.ModelArgs(model_type="llama", tie_word_embeddings=True, **common)
+    elif arch == "qwen2":
+        from mlx_lm.models import qwen2 as module
+
+        args = module.ModelArgs(model_type="qwen2", tie_word_embeddings=False, **common)
+    else:
+        raise ValueError(f"arch: expected 'llama' or 'qwen2', got {arch!r}")
+    mx.random.seed(seed)
+    model = module.Model(args)
+    # Default inits give near-uniform logits; scale up so greedy choices are decisive
+    # and do not hinge on float rounding.
+    model.update(tree_map(lambda p: p * 4.0 if p.ndim == 2 else p, model.parameters()))
+    mx.eval(model.parameters())
+    return model
