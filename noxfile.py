@@ -1,0 +1,60 @@
+"""Sessions: tests (unit + golden), golden, bench, lint, demo.
+
+Every session builds its own virtualenv from scratch (nox's default), so what passes
+here passes on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = False
+
+PYTHON = os.environ.get("SIMULREF_NOX_PYTHON", "3.11")
+DEMO_SENTENCE = "The weather is nice today, so we are going to walk in the park."
+
+
+def _install(session: nox.Session, extras: str = "test") -> None:
+    session.install("--upgrade", "pip")
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit and golden tests (the golden ones download the small preset once)."""
+    _install(session)
+    session.run(
+        "pytest", "tests/unit", "tests/golden", "--hypothesis-profile=ci", *session.posargs,
+        env={"PYTHONHASHSEED": "0"},
+    )
+
+
+@nox.session(python=PYTHON)
+def golden(session: nox.Session) -> None:
+    """Only the golden read/write traces; pass --snapshot-update to accept new ones."""
+    _install(session)
+    session.run("pytest", "tests/golden", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks (ratios against baselines measured in the same run)."""
+    _install(session)
+    session.run("pytest", "tests/bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "simulref", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Stream a translation of an example sentence with the default model."""
+    _install(session, extras="test")
+    args = session.posargs or [DEMO_SENTENCE, "-k", "3", "--trace"]
+    session.run("simulref", "translate", *args)
