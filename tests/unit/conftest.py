@@ -1,0 +1,35 @@
+"""Shared fixtures for the unit tests: small, generic, built in milliseconds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from simulref.testing import tiny_tokenizer
+
+
+def retemplated(tokenizer, chat_template, *, special_tokens=(), bos_token=None):
+    """A copy of ``tokenizer`` (mlx-lm ``TokenizerWrapper``) with another chat template,
+    extra special tokens and optionally a BOS token; the original is left untouched."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    hf = copy.deepcopy(tokenizer._tokenizer)
+    if special_tokens:
+        hf.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if bos_token is not None:
+        hf.add_special_tokens({"bos_token": bos_token})
+    hf.chat_template = chat_template
+    return TokenizerWrapper(hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """The tiny ChatML byte-level BPE tokenizer (a ``TokenizerWrapper``)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def retemplate():
+    """``retemplate(tokenizer, chat_template, special_tokens=(), bos_token=None)``."""
+    return retemplated
