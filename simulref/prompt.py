@@ -92,9 +92,9 @@ def discover_chat_format(tokenizer) -> ChatFormat:
     if not callable(getattr(tokenizer, "apply_chat_template", None)):
         raise TypeError("tokenizer: expected a Hugging Face tokenizer or mlx-lm "
                         f"TokenizerWrapper, got {type(tokenizer).__name__}")
-    user_only = [{"role": "user", "content": SENTINEL}]
     try:
-        messages = [{"role": "system", "content": SYS_SENTINEL}, *user_only]
+        messages = [{"role": "system", "content": SYS_SENTINEL},
+                    {"role": "user", "content": SENTINEL}]
         plain = _render(tokenizer, messages, False)
         placement = "system_turn"
     except Exception as system_error:  # templates signal "no system role" in many ways
@@ -105,7 +105,10 @@ def discover_chat_format(tokenizer) -> ChatFormat:
             raise _fail(f"rendering failed: {error!r}; with a system role: "
                         f"{system_error!r}") from error
         placement = "user_turn"
-    prompted = _render(tokenizer, messages, True)
+    try:
+        prompted = _render(tokenizer, messages, True)
+    except Exception as error:
+        raise _fail(f"rendering the generation prompt failed: {error!r}") from error
 
     if plain.count(SYS_SENTINEL) != 1 or plain.count(SENTINEL) != 1:
         raise _fail(f"the sentinels do not appear once each in {plain!r}")

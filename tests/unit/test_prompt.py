@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from simulref import prompt as prompt_module
 from simulref.prompt import (
     DEFAULT_SYSTEM,
     ChatFormat,
@@ -182,6 +185,16 @@ PROPERTY = settings(max_examples=60, deadline=None,
 # ---------------------------------------------------------------- discovery
 
 
+def test_prompt_module_does_not_import_mlx():
+    # Load the file on its own, so what the package __init__ imports does not count.
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('p', sys.argv[1]); "
+            "m = sys.modules['p'] = u.module_from_spec(s); s.loader.exec_module(m); "
+            "print(sorted(m for m in sys.modules if 'mlx' in m))")
+    out = subprocess.run([sys.executable, "-c", code, prompt_module.__file__],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_discovered_format_matches_the_documented_format(tokenizers, name):
     assert discover_chat_format(tokenizers[name]) == EXPECTED_FORMATS[name]
@@ -215,6 +228,9 @@ BROKEN_TEMPLATES = {
         "{% for m in messages %}{{ m['content'] + m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}A:{% endif %}"),
     "always raises": "{{ raise_exception('no') }}",
+    "generation prompt raises": (
+        "{% for m in messages %}{{ m['role'] + ':' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ raise_exception('no') }}{% endif %}"),
     "header not a continuation": (
         "{% if add_generation_prompt %}A:{% endif %}"
         "{% for m in messages %}{{ m['role'] + ':' + m['content'] }}{% endfor %}"),
