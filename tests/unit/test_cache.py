@@ -1,0 +1,206 @@
+"""StreamCache against a slot-list model of the layouts, and against mlx-lm's own KVCache."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import layout_mask, layout_positions
+
+from simulref.cache import (
+    SOURCE,
+    TARGET,
+    StreamCache,
+    StreamState,
+    make_stream_cache,
+)
+from simulref.testing import tiny_model
+
+# A chunk fed (kind, length) or a trim (None, n).
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([SOURCE, TARGET]), st.integers(1, 5)),
+        st.tuples(st.none(), st.integers(0, 4)),
+    ),
+    max_size=25,
+)
+
+
+def as_array(mask, n: int, total: int) -> np.ndarray:
+    """make_mask's answer as queries x keys booleans."""
+    if mask is None:
+        return np.ones((n, total), dtype=bool)
+    if isinstance(mask, str):
+        assert mask == "causal"
+        return np.arange(total)[None, :] <= (total - n + np.arange(n))[:, None]
+    return np.array(mask)
+
+
+class SlotModel:
+    """Obviously-correct bookkeeping: a list of slot kinds, target start fixed on first use."""
+
+    def __init__(self, target_start):
+        self.slots: list[bool] = []
+        self.target_start = None if target_start == "auto" else target_start
+
+    def feed(self, is_target: bool, n: int) -> None:
+        if is_target and self.target_start is None:
+            self.target_start = len(self.slots) - sum(self.slots)
+        self.slots += [is_target] * n
+
+    def trim(self, n: int) -> None:
+        del self.slots[len(self.slots) - min(n, len(self.slots)):]
+
+
+@settings(max_examples=200)
+@given(ops=ops, layout=st.sampled_from(["group", "interleaved"]),
+       start=st.sampled_from(["auto", 0, 3]), return_array=st.booleans())
+def test_positions_and_masks_match_the_slot_model(ops, layout, start, return_array):
+    if layout == "interleaved":
+        start = "auto"
+    state = StreamState(layout, start)
+    ref = SlotModel(start)
+    for kind, n in ops:
+        if kind is None:
+            state.truncate(max(0, state.length - n))
+            ref.trim(n)
+            continue
+        first = state.begin(kind, n)
+        ref.feed(kind == TARGET, n)
+        ts = ref.target_start if ref.target_start is not None else 0
+        positions = layout_positions(ref.slots, layout, ts)
+        assert state.positions() == tuple(positions[-n:])
+        assert first == positions[-n]
+        total = len(ref.slots)
+        expected = layout_mask(ref.slots, layout)[-n:]
+        mask = state.make_mask(n, return_array=return_array)
+        assert np.array_equal(as_array(mask, n, total), expected)
+        if return_array and n > 1:
+            assert isinstance(mask, mx.array)
+        assert state.length == total
+        assert list(state.slot_is_target()) == ref.slots
+
+
+def test_single_target_token_gets_no_mask():
+    state = StreamState("group")
+    state.begin(SOURCE, 4)
+    state.begin(TARGET, 1)
+    assert state.make_mask(1) is None
+    state.begin(TARGET, 3)
+    assert state.make_mask(3) == "causal"
+
+
+def test_source_chunk_after_targets_gets_an_array_hiding_them():
+    state = StreamState("group")
+    state.begin(SOURCE, 2)
+    state.begin(TARGET, 2)
+    state.begin(SOURCE, 1)
+    assert np.array(state.make_mask(1)).tolist() == [[True, True, False, False, True]]
+    assert state.offset == 2
+
+
+def test_trimming_the_last_target_token_and_refeeding_it_keeps_its_position():
+    state = StreamState("group")
+    state.begin(SOURCE, 5)
+    state.begin(TARGET, 3)  # positions 5, 6, 7 (auto start = 5)
+    state.begin(TARGET, 1)  # position 8
+    state.truncate(state.length - 1)
+    state.begin(SOURCE, 2)  # the next source word: positions 5, 6 in the source group
+    assert state.positions() == (5, 6)
+    assert state.begin(TARGET, 1) == 8  # re-fed at the same target position
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_all_source_chunks_equal_one_prefill(arch):
+    model = tiny_model(arch, 0)
+    ids = list(range(5, 45))
+    reference = model(mx.array(ids)[None])
+    caches = make_stream_cache(model)
+    outs = []
+    for a, b in [(0, 10), (10, 11), (11, 30), (30, 40)]:
+        caches[0].shared.begin(SOURCE, b - a)
+        outs.append(model(mx.array(ids[a:b])[None], cache=caches))
+    assert mx.allclose(mx.concatenate(outs, axis=1), reference, atol=1e-4).item()
+
+
+def test_layer_buffers_grow_in_steps_and_return_every_slot():
+    state = StreamState("group")
+    cache = StreamCache(state)
+    rng = np.random.default_rng(0)
+    kept = []
+    for n in [3, 250, 1, 1, 300, 2]:
+        kv = mx.array(rng.normal(size=(1, 2, n, 4)).astype(np.float32))
+        state.begin(SOURCE, n)
+        keys, values = cache.update_and_fetch(kv, kv * 2)
+        kept.append(np.array(kv))
+        ref = np.concatenate(kept, axis=2)
+        assert np.array_equal(np.array(keys), ref)
+        assert np.array_equal(np.array(values), ref * 2)
+        assert cache.keys.shape[2] % StreamCache.step == 0
+    assert cache.size() == cache.length == sum(k.shape[2] for k in kept)
+    assert cache.nbytes == cache.keys.nbytes * 2
+
+
+def test_trim_is_shared_once_across_layers():
+    caches = [StreamCache(StreamState("group"))]
+    caches.append(StreamCache(caches[0].shared))
+    state = caches[0].shared
+    kv = mx.zeros((1, 1, 4, 2))
+    for kind in (SOURCE, TARGET):
+        state.begin(kind, 4)
+        for c in caches:
+            c.update_and_fetch(kv, kv)
+    assert [c.trim(3) for c in caches] == [3, 3]  # as mlx_lm.trim_prompt_cache calls it
+    assert (state.n_source, state.n_target) == (4, 1)
+    assert all(c.length == 5 for c in caches)
+    assert caches[0].trim(10) == 5 and state.length == 0
+
+
+def test_an_unannounced_chunk_raises():
+    state = StreamState("group")
+    cache = StreamCache(state)
+    state.begin(SOURCE, 2)
+    with pytest.raises(RuntimeError, match="announce every chunk"):
+        cache.update_and_fetch(mx.zeros((1, 1, 3, 2)), mx.zeros((1, 1, 3, 2)))
+
+
+def test_protocol_odds_and_ends():
+    cache = StreamCache(StreamState())
+    assert cache.empty() and cache.nbytes == 0 and cache.state == []
+    assert cache.is_trimmable()
+    with pytest.raises(TypeError, match="cannot be set"):
+        cache.state = (mx.zeros(1), mx.zeros(1))
+    cache.shared.begin(SOURCE, 2)
+    with pytest.raises(ValueError, match="sliding-window"):
+        cache.make_mask(2, window_size=4)
+
+
+@pytest.mark.parametrize("layout, start", [("bogus", "auto"), ("group", -1),
+                                           ("group", "zero"), ("interleaved", 0)])
+def test_bad_layout_or_start(layout, start):
+    with pytest.raises(ValueError, match="layout|target_start"):
+        StreamState(layout, start)
+
+
+def test_models_with_sliding_window_caches_are_refused():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=16, num_hidden_layers=2,
+                           intermediate_size=32, num_attention_heads=2, rms_norm_eps=1e-5,
+                           vocab_size=32, layer_types=["sliding_attention", "full_attention"],
+                           sliding_window=8)
+    with pytest.raises(ValueError, match="RotatingKVCache"):
+        make_stream_cache(llama.Model(args))
+
+
+def test_recurrent_caches_are_refused():
+    from mlx_lm.models import mamba
+
+    args = mamba.ModelArgs(model_type="mamba", vocab_size=32, hidden_size=16,
+                           intermediate_size=32, state_size=4, num_hidden_layers=1,
+                           conv_kernel=2, use_bias=False, use_conv_bias=True,
+                           time_step_rank=4)
+    with pytest.raises(ValueError, match="ArraysCache|MambaCache"):
+        make_stream_cache(mamba.Model(args))
