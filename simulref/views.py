@@ -1,0 +1,302 @@
+"""Terminal views (rich) of a read/write event stream, and plots (matplotlib).
+
+Every view is a function of (events so far, source words known so far) that returns a
+rich renderable, so the same function draws each frame of a live display and the final
+picture, and tests can render it to a fixed-width console and compare text.
+
+``source_words`` may run ahead of the events: words that arrived on stdin but that the
+policy has not read yet are shown dimmed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from simulref.trace import DroppedEos, Event, Finish, Read, Write
+
+CURSOR = "▌"
+READ_STYLE = "bold cyan"
+PENDING_STYLE = "dim"
+WRITE_STYLE = "bold green"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A maximal run of reads followed by the writes (and dropped EOS) that came next."""
+
+    reads: tuple[Read, ...]
+    writes: tuple[Write, ...]
+    dropped_eos: int = 0
+
+
+def _reads(events: Sequence[Event]) -> list[Read]:
+    return [e for e in events if isinstance(e, Read)]
+
+
+def _writes(events: Sequence[Event]) -> list[Write]:
+    return [e for e in events if isinstance(e, Write)]
+
+
+def _finish(events: Sequence[Event]) -> Finish | None:
+    return next((e for e in reversed(events) if isinstance(e, Finish)), None)
+
+
+def steps(events: Sequence[Event]) -> list[Step]:
+    """Group events into steps: a new step starts at a read that follows a write."""
+    out: list[Step] = []
+    reads: list[Read] = []
+    writes: list[Write] = []
+    dropped = 0
+    for event in events:
+        if isinstance(event, Read):
+            if writes or dropped:
+                out.append(Step(tuple(reads), tuple(writes), dropped))
+                reads, writes, dropped = [], [], 0
+            reads.append(event)
+        elif isinstance(event, Write):
+            writes.append(event)
+        elif isinstance(event, DroppedEos):
+            dropped += 1
+    if reads or writes or dropped:
+        out.append(Step(tuple(reads), tuple(writes), dropped))
+    return out
+
+
+def _source_words(events: Sequence[Event], source_words: Sequence[str]) -> list[str]:
+    # The events are the authority on what was read; source_words may add pending words.
+    words = list(source_words)
+    for read in _reads(events):
+        if read.source_index < len(words):
+            words[read.source_index] = read.word
+        else:
+            words.extend([""] * (read.source_index - len(words)) + [read.word])
+    return words
+
+
+def status_line(events: Sequence[Event], source_words: Sequence[str]) -> Text:
+    """``read 4/6 · written 3 · lag 1 · finish: eos`` (the total is ``?`` while unknown)."""
+    n_read = len(_reads(events))
+    n_written = len(_writes(events))
+    finish = _finish(events)
+    total = str(len(_source_words(events, source_words))) if finish else "?"
+    parts = [f"read {n_read}/{total}", f"written {n_written}", f"lag {n_read - n_written}"]
+    dropped = sum(isinstance(e, DroppedEos) for e in events)
+    if dropped:
+        parts.append(f"early EOS dropped ×{dropped}")
+    parts.append(f"finish: {finish.reason}" if finish else "running")
+    return Text(" · ".join(parts), style="italic")
+
+
+def live_view(events: Sequence[Event], source_words: Sequence[str] = ()) -> RenderableType:
+    """Two growing lines, source and target, with the read and write cursors.
+
+    Read source words are bold, words that arrived but are not read yet are dim; the
+    cursor sits after the last word read (source) and the last word written (target)
+    until the stream finishes."""
+    words = _source_words(events, source_words)
+    n_read = len(_reads(events))
+    running = _finish(events) is None
+
+    source = Text()
+    for i, word in enumerate(words):
+        if i:
+            source.append(" ")
+        if i == n_read and running:
+            source.append(CURSOR, style="blink")
+        source.append(word, style=READ_STYLE if i < n_read else PENDING_STYLE)
+    if n_read >= len(words) and running:
+        source.append(CURSOR, style="blink")
+
+    # Written pieces carry their own leading whitespace; newlines would break the line.
+    written = re.sub(r"\s+", " ", "".join(w.text for w in _writes(events))).strip()
+    target = Text(written, style=WRITE_STYLE)
+    if running:
+        target.append(CURSOR, style="blink")
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(ratio=1)
+    grid.add_row("source", source)
+    grid.add_row("target", target)
+    return Group(grid, status_line(events, source_words))
+
+
+def side_by_side_view(
+    events: Sequence[Event], source_words: Sequence[str] = ()
+) -> RenderableType:
+    """Source and target columns, one row per step: the words read in that step on the
+    left, the words written right after them on the right."""
+    table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
+    table.add_column("step", justify="right", style="dim")
+    table.add_column("read", style=READ_STYLE)
+    table.add_column("written", style=WRITE_STYLE)
+    for number, step in enumerate(steps(events), start=1):
+        written = Text(" ".join(w.word for w in step.writes), style=WRITE_STYLE)
+        if step.dropped_eos:
+            written.append((" " if written else "") + "⟂EOS" * step.dropped_eos, style="dim")
+        table.add_row(str(number), " ".join(r.word for r in step.reads), written)
+    words = _source_words(events, source_words)
+    pending = words[len(_reads(events)) :]
+    if pending:
+        table.add_row("…", Text(" ".join(pending), style=PENDING_STYLE), "")
+    return Group(table, status_line(events, source_words))
+
+
+def trace_view(
+    events: Sequence[Event], source_words: Sequence[str] = (), *, t0: float | None = None
+) -> RenderableType:
+    """One row per event with its time in seconds since ``t0`` (default: first event)."""
+    table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
+    table.add_column("t (s)", justify="right")
+    table.add_column("event")
+    table.add_column("#", justify="right")
+    table.add_column("text")
+    table.add_column("tokens", justify="right", style="dim")
+    if t0 is None and events:
+        t0 = events[0].t
+    for event in events:
+        t = f"{event.t - (t0 or 0.0):.3f}"
+        if isinstance(event, Read):
+            row = ("read", str(event.source_index), Text(event.word, style=READ_STYLE),
+                   str(len(event.token_ids)))
+        elif isinstance(event, Write):
+            row = ("write", str(event.target_index), Text(event.word, style=WRITE_STYLE),
+                   str(len(event.token_ids)))
+        elif isinstance(event, DroppedEos):
+            row = ("drop-eos", str(event.source_index), Text("early EOS dropped", style="dim"),
+                   "")
+        else:
+            row = ("finish", "", Text(event.reason, style="italic"), "")
+        table.add_row(t, *row)
+    pending = _source_words(events, source_words)[len(_reads(events)) :]
+    if pending:
+        label = "unread" if _finish(events) else "waiting"
+        table.add_row("", label, "", Text(" ".join(pending), style=PENDING_STYLE), "")
+    return Group(table, status_line(events, source_words))
+
+
+View = Callable[[Sequence[Event], Sequence[str]], RenderableType]
+VIEWS: dict[str, View] = {
+    "live": live_view,
+    "side-by-side": side_by_side_view,
+    "trace": trace_view,
+}
+
+
+# --- plots -----------------------------------------------------------------------------
+
+
+def _save_figure(fig, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg``, each through a temp file renamed into place."""
+    paths = []
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for fmt in ("png", "svg"):
+        path = stem.with_suffix(f".{fmt}")
+        # Fixed metadata so the files depend only on the data (diffable SVG).
+        metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                fig.savefig(handle, format=fmt, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        paths.append(path)
+    return paths
+
+
+def _figure(width: float = 6.4, height: float = 4.8):
+    # A bare Figure (no pyplot): no global state, no GUI backend, renders with Agg.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_quality_latency(
+    curves: Mapping[str, Sequence[tuple[float, float, int]]],
+    stem: str | os.PathLike,
+    *,
+    offline: tuple[float, float] | None = None,
+    quality: str = "BLEU",
+    latency: str = "AL",
+) -> list[Path]:
+    """Quality against latency: one curve per layout through its (AL, BLEU, k) points,
+    each point labelled with its k; the offline (read-everything) run as a star.
+
+    Writes ``stem.png`` and ``stem.svg``; returns their paths."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": "simulref"}):
+        fig = _figure()
+        ax = fig.add_subplot()
+        for name, points in curves.items():
+            pts = sorted(points, key=lambda p: p[2])
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            for x, y, k in pts:
+                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8, color=line.get_color())
+        if offline is not None:
+            ax.plot([offline[0]], [offline[1]], marker="*", markersize=14, linestyle="none",
+                    color="black", label="offline")
+        ax.set_xlabel(f"{latency} (source words)")
+        ax.set_ylabel(quality)
+        ax.set_title(f"{quality} vs {latency} across k")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        return _save_figure(fig, Path(stem))
+
+
+def staircase_points(delays: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The read/write staircase as (x, y) vertices for a post-step plot: x = source
+    words read, y = target words written; target word i appears once ``delays[i]``
+    words are read."""
+    return [0, *delays], list(range(len(delays) + 1))
+
+
+def plot_staircase(
+    delays: Mapping[str, tuple[Sequence[int], int | None]],
+    source_length: int,
+    stem: str | os.PathLike,
+    *,
+    title: str = "read/write staircase",
+) -> list[Path]:
+    """One staircase per run (label → (delays, k)); a run with a k also gets its wait-k
+    diagonal (target word i after min(k + i, N) words read) dashed in the same colour.
+
+    Writes ``stem.png`` and ``stem.svg``; returns their paths."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": "simulref"}):
+        fig = _figure()
+        ax = fig.add_subplot()
+        top = 1
+        for label, (run_delays, k) in delays.items():
+            xs, ys = staircase_points(run_delays)
+            (line,) = ax.step(xs, ys, where="post", label=label)
+            top = max(top, ys[-1])
+            if k is not None and k <= source_length:
+                # Diagonal y = x - k + 1 from (k, 1) to (N, N - k + 1).
+                ax.plot([k - 1, source_length], [0, source_length - k + 1], linestyle="--",
+                        linewidth=0.8, color=line.get_color())
+        ax.axvline(source_length, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlim(0, source_length + 0.5)
+        ax.set_ylim(0, top + 0.5)
+        ax.set_xlabel("source words read")
+        ax.set_ylabel("target words written")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        return _save_figure(fig, Path(stem))
