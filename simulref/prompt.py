@@ -187,13 +187,20 @@ class Template:
                                                            repr=False)
 
     def word_ids(self, index: int, word: str) -> tuple[int, ...]:
-        """Token ids of source word ``index`` (0-based): the first without a leading space."""
+        """Token ids of source word ``index`` (0-based): the first without a leading space.
+
+        Raises ``ValueError`` when the tokenizer encodes the word to no tokens (a vocabulary
+        without some byte tokens drops those bytes), since every read must feed a token.
+        """
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"index: expected an int >= 0, got {index!r}")
         if self.encode is None:
             raise TypeError("Template.encode: this template was built without a tokenizer")
         word = _check_word(index, word)
-        return self.encode(word if index == 0 else " " + word)
+        ids = self.encode(word if index == 0 else " " + word)
+        if not ids:
+            raise ValueError(f"source[{index}]: the tokenizer encodes {word!r} to no tokens")
+        return ids
 
 
 def template_for(tokenizer, *, system: str, chat_format: ChatFormat | None = None) -> Template:

@@ -318,6 +318,24 @@ def test_word_ids_rejects_bad_input(tiny_tok, index, word, error):
         template_for(tiny_tok, system="s").word_ids(index, word)
 
 
+def test_a_word_the_tokenizer_drops_entirely_is_refused():
+    # Real vocabularies lack some byte tokens (SmolLM2 lacks 21, e.g. b"\x06"); the
+    # tokenizer then drops those bytes silently, and a word made of them has no tokens.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = [c for c in pre_tokenizers.ByteLevel.alphabet() if c != "\u0106"]  # b"\x06"
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert tokenizer.encode("\x06", add_special_tokens=False) == []
+    with pytest.raises(ValueError, match=r"source\[0\].*no tokens"):
+        assemble(tokenizer, ["\x06", "b"], system="s", chat_format=CHATML)
+    prompt = assemble(tokenizer, ["a", "\x06"], system="s", chat_format=CHATML)
+    assert len(prompt.segments[2]) == 1  # " \x06" keeps its space
+
+
 # ---------------------------------------------------------------- properties of assemble
 
 
