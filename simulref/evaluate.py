@@ -1,0 +1,490 @@
+"""Evaluation over a parallel TSV file: quality (BLEU, chrF) and latency (AP, AL, LAAL,
+DAL, ATD) of wait-k runs for several k and layouts, plus an offline (read-all) run.
+
+Layout of an output directory::
+
+    settings.json               what the stored sentences were produced with (resume guard)
+    progress/{run}.jsonl        one record per finished sentence, appended + fsynced
+    traces-{layout}-k{K}.jsonl  the traces of a run in sentence order (rewritten atomically)
+    traces-offline.jsonl
+    results.json                corpus scores per run (rewritten atomically)
+    quality-latency.{png,svg}   BLEU vs AL, one curve per layout
+    staircase.{png,svg}         read/write staircase of one sentence
+
+A rerun with the same output directory skips the sentences already in ``progress/``.
+An interrupted append leaves at most a partial last line, which is cut off on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+# Dataset name -> (package data file, target language name for the instruction).
+DATASETS: dict[str, tuple[str, str]] = {
+    "postgres-en-fr": ("postgres-en-fr.tsv", "French"),
+    "postgres-en-de": ("postgres-en-de.tsv", "German"),
+}
+LANGUAGE_CODES = {"fr": "French", "de": "German"}
+DEFAULT_KS = (1, 3, 5, 7, 9)
+LATENCY_NAMES = ("AP", "AL", "LAAL", "DAL", "ATD")
+
+
+class DataError(ValueError):
+    """The DATA file cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str
+    reference: str
+    line: int  # 1-based line number in the file, for messages
+
+
+def parse_pairs(text: str, *, name: str = "DATA") -> list[Pair]:
+    """``source<TAB>reference`` per line; blank lines are not allowed (except a final
+    newline). Raises :class:`DataError` naming ``name`` and the 1-based line."""
+    pairs = []
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise DataError(
+                f"{name}:{number}: expected 'source<TAB>reference' (2 tab-separated fields), "
+                f"found {len(fields)}"
+            )
+        source, reference = (f.strip() for f in fields)
+        if not source or not reference:
+            which = "source" if not source else "reference"
+            raise DataError(f"{name}:{number}: empty {which}")
+        pairs.append(Pair(source, reference, number))
+    if not pairs:
+        raise DataError(f"{name}: no sentence pairs")
+    return pairs
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8") from None
+    return parse_pairs(text, name=str(path))
+
+
+def dataset_path(name: str) -> Path:
+    """Path of a bundled dataset (see :data:`DATASETS`)."""
+    if name not in DATASETS:
+        raise DataError(f"dataset: expected one of {', '.join(DATASETS)}, got {name!r}")
+    return Path(str(resources.files("simulref") / "data" / DATASETS[name][0]))
+
+
+def target_language(dataset: str | None, data: str | os.PathLike | None) -> str | None:
+    """The target language a dataset name or a file name like ``x.en-de.tsv`` implies."""
+    if dataset is not None:
+        return DATASETS[dataset][1]
+    if data is not None:
+        match = re.search(r"(?:^|[^a-z])en[-_]([a-z]{2})(?:[^a-z]|$)", Path(data).name.lower())
+        if match:
+            return LANGUAGE_CODES.get(match.group(1))
+    return None
+
+
+def default_system(dataset: str | None, data: str | os.PathLike | None = None) -> str:
+    language = target_language(dataset, data) or "French"
+    return f"Translate the following English paragraph to {language}"
+
+
+# --- runs and their files ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One evaluation run: wait-k with ``k`` in ``layout``, or offline when k is None."""
+
+    layout: str
+    k: int | None
+
+    @property
+    def offline(self) -> bool:
+        return self.k is None
+
+    @property
+    def name(self) -> str:
+        return "offline" if self.offline else f"{self.layout}-k{self.k}"
+
+    @property
+    def traces_file(self) -> str:
+        return f"traces-{self.name}.jsonl"
+
+    @property
+    def progress_file(self) -> str:
+        return f"progress/{self.name}.jsonl"
+
+
+def run_specs(layouts: Sequence[str], ks: Sequence[int], *, offline: bool = True) -> list[RunSpec]:
+    """Runs in order: every (layout, k), then the offline run (in the first layout: with
+    everything read first, every layout feeds the same positions)."""
+    specs = [RunSpec(layout, k) for layout in dict.fromkeys(layouts) for k in dict.fromkeys(ks)]
+    if offline and layouts:
+        specs.append(RunSpec(layouts[0], None))
+    return specs
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write through a temp file in the same directory, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def append_record(path: str | os.PathLike, record: Mapping) -> None:
+    """Append one JSON line with a single write, then flush and fsync, so an
+    interruption leaves either the whole line or a partial last line (cut on resume)."""
+    line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        payload = line.encode("utf-8")
+        written = os.write(fd, payload)
+        while written < len(payload):  # a regular file takes it in one go; be safe anyway
+            written += os.write(fd, payload[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_records(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+    """The complete records of a progress file, in file order.
+
+    A last line without its newline (an interrupted append) is ignored, and with
+    ``repair`` cut off the file so the next append starts on a fresh line. A complete
+    line that is not a JSON object means the file was damaged otherwise: DataError."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    records = []
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: not a JSON object; remove the file to start over")
+        records.append(record)
+    return records
+
+
+def settings_fingerprint(settings: Mapping) -> dict:
+    """The part of the settings that must match for stored sentences to be reused."""
+    keys = ("model", "system", "target_start", "max_tokens_per_word", "stop_at_first_eos",
+            "data_sha256")
+    return {key: settings.get(key) for key in keys}
+
+
+def sha256_of(pairs: Iterable[Pair]) -> str:
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(f"{pair.source}\t{pair.reference}\n".encode())
+    return digest.hexdigest()
+
+
+def check_out_dir(out: Path, settings: Mapping) -> None:
+    """Record ``settings`` in ``out/settings.json``, or check that the stored ones match
+    (reusing sentences decoded under other settings would mix two experiments)."""
+    path = out / "settings.json"
+    wanted = settings_fingerprint(settings)
+    if path.exists():
+        try:
+            stored = settings_fingerprint(json.loads(path.read_text("utf-8")))
+        except ValueError:
+            raise DataError(f"{path}: not JSON; remove it to start over") from None
+        if stored != wanted:
+            diff = ", ".join(
+                f"{key}: stored {stored[key]!r}, now {wanted[key]!r}"
+                for key in wanted if stored[key] != wanted[key]
+            )
+            raise DataError(
+                f"--out {out} holds results of other settings ({diff}); use another --out"
+            )
+        return
+    write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+
+
+# --- scores ------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], *,
+              word_duration: float = 0.4) -> dict:
+    """Corpus scores of one run from its per-sentence records (sentence order).
+
+    Latency is averaged over sentences with at least one target word (SimulEval skips
+    empty hypotheses too); ``empty_hypotheses`` counts the others. The computation-aware
+    ``*_CA`` scores take the source as arriving one word per ``word_duration`` seconds."""
+    from simulref import metrics, quality
+    from simulref.trace import Trace
+
+    by_index = {r["index"]: r for r in records}
+    indices = [i for i in range(len(pairs)) if i in by_index]
+    traces = [Trace.from_jsonl(by_index[i]["trace"]) for i in indices]
+    references = [pairs[i].reference for i in indices]
+    hypotheses = [quality.clean_hypothesis(t.target_text) for t in traces]
+
+    latency_ref: dict[str, list[float]] = {}
+    latency_hyp: dict[str, list[float]] = {}
+    empty = 0
+    for trace, reference in zip(traces, references, strict=True):
+        if not metrics.hypothesis_delays(trace):
+            empty += 1
+            continue
+        scores = metrics.latency_scores(trace, len(reference.split()),
+                                        word_duration=word_duration)
+        for key, value in scores.items():
+            latency_ref.setdefault(key, []).append(value)
+        for key, value in metrics.latency_scores(trace, None).items():
+            latency_hyp.setdefault(key, []).append(value)
+
+    tokens = sum(by_index[i]["generated_tokens"] for i in indices)
+    seconds = sum(by_index[i]["seconds"] for i in indices)
+    return {
+        "run": spec.name,
+        "layout": spec.layout,
+        "k": spec.k,
+        "policy": "read-all" if spec.offline else f"wait-{spec.k}",
+        "sentences": len(indices),
+        "empty_hypotheses": empty,
+        "bleu": quality.corpus_bleu(hypotheses, references) if indices else float("nan"),
+        "chrf": quality.corpus_chrf(hypotheses, references) if indices else float("nan"),
+        "latency_reference_length": {k: _mean(v) for k, v in latency_ref.items()},
+        "latency_hypothesis_length": {k: _mean(v) for k, v in latency_hyp.items()},
+        "word_duration": word_duration,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "finish_reasons": _count(t.finish_reason for t in traces),
+        "traces": spec.traces_file,
+    }
+
+
+def _count(items: Iterable) -> dict:
+    out: dict = {}
+    for item in items:
+        out[str(item)] = out.get(str(item), 0) + 1
+    return dict(sorted(out.items()))
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Everything one ``simulref eval`` invocation needs, model included."""
+
+    model: object
+    tokenizer: object
+    pairs: list[Pair]
+    specs: list[RunSpec]
+    out: Path
+    settings: dict
+    target_start: str | int = "auto"
+    max_tokens_per_word: int = 50
+    stop_at_first_eos: bool = False
+    word_duration: float = 0.4
+
+    def translate(self, spec: RunSpec, source: str):
+        from simulref import decoder
+        from simulref.policy import ReadAll
+
+        kwargs = dict(
+            system=self.settings["system"], layout=spec.layout, target_start=self.target_start,
+            max_tokens_per_word=self.max_tokens_per_word,
+            stop_at_first_eos=self.stop_at_first_eos,
+        )
+        if spec.offline:
+            return decoder.translate(self.model, self.tokenizer, source, policy=ReadAll(),
+                                     **kwargs)
+        return decoder.translate(self.model, self.tokenizer, source, k=spec.k, **kwargs)
+
+    def pending(self, spec: RunSpec) -> list[int]:
+        done = {r["index"] for r in load_records(self.out / spec.progress_file, repair=True)}
+        return [i for i in range(len(self.pairs)) if i not in done]
+
+    def run_sentence(self, spec: RunSpec, index: int) -> dict:
+        start = time.monotonic()
+        trace = rebase_times(self.translate(spec, self.pairs[index].source), start)
+        seconds = time.monotonic() - start
+        record = {
+            "index": index,
+            "seconds": seconds,
+            "generated_tokens": generated_tokens(trace),
+            "trace": trace.to_jsonl(),
+        }
+        append_record(self.out / spec.progress_file, record)
+        return record
+
+    def finish_run(self, spec: RunSpec) -> dict:
+        """Rewrite the run's traces file in sentence order and return its scores."""
+        records = load_records(self.out / spec.progress_file)
+        by_index = {r["index"]: r for r in records}
+        # Each record holds its trace as JSON Lines text; concatenated in sentence order
+        # they make a traces file that simulref.trace.read_traces reads.
+        text = "".join(by_index[i]["trace"] for i in range(len(self.pairs)) if i in by_index)
+        write_atomic(self.out / spec.traces_file, text)
+        return summarize(spec, self.pairs, records, word_duration=self.word_duration)
+
+    def run(self, on_progress: Callable[[RunSpec, int, int], None] | None = None) -> list[dict]:
+        """Decode every pending sentence of every run; ``on_progress(spec, done, total)``
+        is called before the first and after each sentence."""
+        check_out_dir(self.out, self.settings)
+        summaries = []
+        for spec in self.specs:
+            todo = self.pending(spec)
+            total = len(self.pairs)
+            done = total - len(todo)
+            if on_progress:
+                on_progress(spec, done, total)
+            for index in todo:
+                self.run_sentence(spec, index)
+                done += 1
+                if on_progress:
+                    on_progress(spec, done, total)
+            summaries.append(self.finish_run(spec))
+            write_results(self.out, self.settings, summaries)
+        return summaries
+
+
+def rebase_times(trace, t0: float):
+    """``trace`` with event times counted from ``t0`` (the decoder stamps
+    ``time.monotonic()``; the computation-aware metrics count from the stream's start)."""
+    from dataclasses import replace
+
+    return replace(trace, events=tuple(replace(e, t=max(0.0, e.t - t0)) for e in trace.events))
+
+
+def generated_tokens(trace) -> int:
+    from simulref.trace import Write
+
+    return sum(len(e.token_ids) for e in trace.events if isinstance(e, Write))
+
+
+def _json_safe(value):
+    # NaN (a score of zero sentences) is not JSON; null is.
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(out: Path, settings: Mapping, summaries: Sequence[Mapping]) -> Path:
+    path = out / "results.json"
+    payload = _json_safe({"settings": dict(settings), "runs": list(summaries)})
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def run_trace(out: Path, spec: RunSpec, index: int):
+    """The stored trace of sentence ``index`` in run ``spec``, or None."""
+    from simulref.trace import Trace
+
+    for record in load_records(out / spec.progress_file):
+        if record["index"] == index:
+            return Trace.from_jsonl(record["trace"])
+    return None
+
+
+def quality_latency_curves(summaries: Sequence[Mapping], latency: str = "AL"):
+    """({layout: [(latency, BLEU, k), ...]}, offline (latency, BLEU) or None)."""
+    curves: dict[str, list[tuple[float, float, int]]] = {}
+    offline = None
+    for s in summaries:
+        point = (s["latency_reference_length"].get(latency, float("nan")), s["bleu"])
+        if s["k"] is None:
+            offline = point
+        else:
+            curves.setdefault(s["layout"], []).append((*point, s["k"]))
+    return curves, offline
+
+
+def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int = 0) -> list:
+    from simulref.views import plot_quality_latency, plot_staircase
+
+    curves, offline = quality_latency_curves(summaries)
+    paths = list(plot_quality_latency(curves, job.out / "quality-latency", offline=offline))
+    staircases = {}
+    for spec in job.specs:
+        trace = run_trace(job.out, spec, sentence)
+        if trace is not None:
+            label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+            staircases[label] = (trace.delays, spec.k)
+    n = len(job.pairs[sentence].source.split())
+    paths += plot_staircase(staircases, n, job.out / "staircase",
+                            title=f"sentence {sentence}: read/write staircase")
+    return paths
+
+
+TABLE_LATENCY = ("AP", "AL", "LAAL", "DAL", "ATD")
+
+
+def results_table(summaries: Sequence[Mapping]):
+    """A rich Table: one row per run, quality then latency (reference-length variants)."""
+    from rich.table import Table
+
+    table = Table(title="simulref eval (latency in source words, reference length)")
+    for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"):
+        table.add_column(name, justify="left" if name == "run" else "right")
+    for s in summaries:
+        latency = s["latency_reference_length"]
+        table.add_row(
+            s["run"], str(s["sentences"]), _fmt(s["bleu"]), _fmt(s["chrf"]),
+            *(_fmt(latency.get(name)) for name in TABLE_LATENCY),
+            _fmt(latency.get("AL_CA")), _fmt(s["tokens_per_s"]),
+        )
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.2f}"

@@ -1,0 +1,277 @@
+"""simulref.evaluate: TSV reading, resumable progress files, scores, and a full run over a
+tiny model (real decoder, real metrics)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import sacrebleu
+from hypothesis import given
+from hypothesis import strategies as st
+
+from simulref import evaluate, metrics
+from simulref.evaluate import (
+    DataError,
+    Evaluation,
+    Pair,
+    RunSpec,
+    append_record,
+    check_out_dir,
+    default_system,
+    load_records,
+    parse_pairs,
+    read_pairs,
+    run_specs,
+    summarize,
+    write_atomic,
+)
+from simulref.trace import Finish, Read, Settings, Trace, Write, read_traces
+
+field = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\t"),
+    min_size=1, max_size=20,
+).filter(lambda s: s.strip() == s and s.strip())
+
+
+@given(st.lists(st.tuples(field, field), min_size=1, max_size=10), st.booleans(),
+       st.booleans())
+def test_parse_pairs_round_trip(rows, final_newline, crlf):
+    eol = "\r\n" if crlf else "\n"
+    text = eol.join(f"{s}\t{r}" for s, r in rows) + (eol if final_newline else "")
+    pairs = parse_pairs(text)
+    assert [(p.source, p.reference) for p in pairs] == rows
+    assert [p.line for p in pairs] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a\tb\nno tab here\nc\td\n", "DATA:2: expected 'source<TAB>reference'"),
+        ("a\tb\nc\td\te\n", "DATA:2: expected 'source<TAB>reference' (2 tab-separated "
+                            "fields), found 3"),
+        ("a\tb\n\nc\td\n", "DATA:2: expected"),
+        ("a\tb\n \tr\n", "DATA:2: empty source"),
+        ("a\t \n", "DATA:1: empty reference"),
+        ("", "DATA: no sentence pairs"),
+    ],
+)
+def test_parse_pairs_errors_name_the_line(text, message):
+    with pytest.raises(DataError) as error:
+        parse_pairs(text)
+    assert str(error.value).startswith(message)
+
+
+def test_read_pairs_errors(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.tsv: cannot read"):
+        read_pairs(tmp_path / "missing.tsv")
+    with pytest.raises(DataError, match="cannot read"):
+        read_pairs(tmp_path)
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes("a\tb\nc\té\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.tsv:2: not UTF-8"):
+        read_pairs(bad)
+
+
+def test_bundled_datasets_have_200_pairs_with_the_same_sources():
+    fr = read_pairs(evaluate.dataset_path("postgres-en-fr"))
+    de = read_pairs(evaluate.dataset_path("postgres-en-de"))
+    assert len(fr) == len(de) == 200
+    assert [p.source for p in fr] == [p.source for p in de]
+    with pytest.raises(DataError, match="dataset: expected one of"):
+        evaluate.dataset_path("wmt14")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "data", "language"),
+    [
+        ("postgres-en-fr", None, "French"),
+        ("postgres-en-de", "whatever.en-fr.tsv", "German"),
+        (None, "dev.en-de.tsv", "German"),
+        (None, "/x/news_en_fr.tsv", "French"),
+        (None, "mydata.tsv", "French"),
+        (None, "open-deck.tsv", "French"),  # "en-de" must be a language pair, not in a word
+    ],
+)
+def test_default_system_follows_the_target_language(dataset, data, language):
+    expected = f"Translate the following English paragraph to {language}"
+    assert default_system(dataset, data) == expected
+
+
+def test_run_specs_order_and_file_names():
+    specs = run_specs(["group", "interleaved", "group"], [3, 1, 3])
+    assert [s.name for s in specs] == [
+        "group-k3", "group-k1", "interleaved-k3", "interleaved-k1", "offline"]
+    assert specs[0].traces_file == "traces-group-k3.jsonl"
+    assert specs[-1].offline and specs[-1].layout == "group"
+    assert specs[-1].traces_file == "traces-offline.jsonl"
+    assert run_specs(["group"], [1], offline=False) == [RunSpec("group", 1)]
+
+
+records_st = st.lists(
+    st.fixed_dictionaries({"index": st.integers(0, 1000), "text": st.text(max_size=30),
+                           "x": st.floats(allow_nan=False, allow_infinity=False)}),
+    max_size=8,
+)
+
+
+@given(records=records_st, data=st.data())
+def test_an_interrupted_append_loses_at_most_the_last_record(tmp_path_factory, records, data):
+    path = tmp_path_factory.mktemp("progress") / "run.jsonl"
+    for record in records:
+        append_record(path, record)
+    assert load_records(path) == records
+    if not records:
+        return
+    # Cut the file anywhere: what loads is a prefix of the records, never garbage.
+    content = path.read_bytes()
+    cut = data.draw(st.integers(0, len(content)))
+    path.write_bytes(content[:cut])
+    loaded = load_records(path, repair=True)
+    assert loaded == records[: content[:cut].count(b"\n")]
+    # After the repair the next append starts on a fresh line.
+    append_record(path, {"index": -1})
+    assert load_records(path) == [*loaded, {"index": -1}]
+
+
+def test_load_records_refuses_a_damaged_middle_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(DataError, match=r"run\.jsonl:2: not a JSON object"):
+        load_records(path)
+    assert load_records(tmp_path / "absent.jsonl") == []
+
+
+def test_write_atomic_replaces_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    write_atomic(path, "one")
+    write_atomic(path, b"two")
+    assert path.read_text() == "two"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_check_out_dir_refuses_other_settings(tmp_path):
+    settings = {"model": "m", "system": "s", "target_start": "auto", "data_sha256": "abc",
+                "ks": [1]}
+    check_out_dir(tmp_path, settings)
+    check_out_dir(tmp_path, {**settings, "ks": [1, 3]})  # more runs: fine
+    with pytest.raises(DataError, match=r"model: stored 'm', now 'other'"):
+        check_out_dir(tmp_path, {**settings, "model": "other"})
+
+
+def _trace(source: str, target: str, delays, *, finish="eos") -> Trace:
+    words = source.split()
+    events, read = [], 0
+    for i, (word, delay) in enumerate(zip(target.split(), delays, strict=True)):
+        while read < delay:
+            events.append(Read(read, words[read], (1,), 0.1 * len(events)))
+            read += 1
+        events.append(Write(i, (" " if i else "") + word, (2, 3), 0.1 * len(events)))
+    events += [Read(j, words[j], (1,), 0.1 * len(events)) for j in range(read, len(words))]
+    events.append(Finish(finish, 0.1 * len(events)))
+    settings = Settings(model="m", k=2, layout="group", system="s")
+    return Trace(settings, tuple(words), tuple(events))
+
+
+def test_summarize_matches_sacrebleu_and_the_metrics():
+    pairs = [Pair("a b c d", "w x y z", 1), Pair("e f g", "u v", 2), Pair("h i", "t", 3)]
+    traces = [_trace("a b c d", "w x q z", [2, 3, 4, 4]), _trace("e f g", "u", [2]),
+              _trace("h i", "", [])]
+    records = [{"index": i, "trace": t.to_jsonl(), "seconds": 0.5, "generated_tokens": 4}
+               for i, t in enumerate(traces)]
+    got = summarize(RunSpec("group", 2), pairs, records, word_duration=0.5)
+    hyps, refs = ["w x q z", "u", ""], ["w x y z", "u v", "t"]
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert got["sentences"] == 3 and got["empty_hypotheses"] == 1
+    scored = list(zip(traces[:2], [4, 2], strict=True))
+    for key in metrics.METRICS:
+        ref_len = [metrics.latency_scores(t, n)[key] for t, n in scored]
+        hyp_len = [metrics.latency_scores(t)[key] for t in traces[:2]]
+        assert got["latency_reference_length"][key] == pytest.approx(sum(ref_len) / 2)
+        assert got["latency_hypothesis_length"][key] == pytest.approx(sum(hyp_len) / 2)
+    ca = [metrics.latency_scores(t, n, word_duration=0.5)["AL_CA"]
+          for t, n in scored]
+    assert got["latency_reference_length"]["AL_CA"] == pytest.approx(sum(ca) / 2)
+    assert got["tokens_per_s"] == pytest.approx(12 / 1.5)
+    assert got["finish_reasons"] == {"eos": 3}
+
+
+def test_summarize_of_nothing_is_nan_not_an_error():
+    got = summarize(RunSpec("group", 2), [Pair("a", "b", 1)], [])
+    assert got["sentences"] == 0 and math.isnan(got["bleu"])
+
+
+# --- a whole evaluation with the tiny model ------------------------------------------------
+
+PAIRS = [Pair("The weather is nice", "Il fait beau", 1),
+         Pair("I want to buy a car", "Je veux acheter une voiture", 2)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from simulref.testing import tiny_model, tiny_tokenizer
+
+    return tiny_model("llama", seed=1), tiny_tokenizer()
+
+
+def _evaluation(tiny, out, specs=None):
+    model, tokenizer = tiny
+    settings = {"model": "tiny", "system": default_system(None), "target_start": "auto",
+                "max_tokens_per_word": 3, "stop_at_first_eos": False,
+                "data_sha256": evaluate.sha256_of(PAIRS)}
+    return Evaluation(model=model, tokenizer=tokenizer, pairs=PAIRS,
+                      specs=specs or run_specs(["group"], [1, 2]), out=out,
+                      settings=settings, max_tokens_per_word=3)
+
+
+def _untimed(path):
+    return [t.without_times() for t in read_traces(path)]
+
+
+def test_evaluation_writes_results_traces_and_plots_and_resumes(tiny, tmp_path):
+    seen = []
+    job = _evaluation(tiny, tmp_path)
+    summaries = job.run(lambda spec, done, total: seen.append((spec.name, done, total)))
+    assert seen == [(name, d, 2) for name in ("group-k1", "group-k2", "offline")
+                    for d in (0, 1, 2)]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["run"] for r in results["runs"]] == ["group-k1", "group-k2", "offline"]
+    assert [r["k"] for r in summaries] == [1, 2, None]
+    for spec in job.specs:
+        traces = read_traces(tmp_path / spec.traces_file)
+        assert [t.source_words for t in traces] == [tuple(p.source.split()) for p in PAIRS]
+        if spec.offline:  # everything read before the first write
+            assert all(set(t.delays) <= {len(t.source_words)} for t in traces)
+        else:
+            assert all(t.settings.k == spec.k for t in traces)
+        # Times count from the start of each sentence's stream, so none exceeds the
+        # sentence's wall time.
+        for record in load_records(tmp_path / spec.progress_file):
+            events = Trace.from_jsonl(record["trace"]).events
+            assert all(0 <= e.t <= record["seconds"] for e in events)
+    paths = evaluate.write_plots(job, summaries, sentence=1)
+    assert sorted(p.name for p in paths) == [
+        "quality-latency.png", "quality-latency.svg", "staircase.png", "staircase.svg"]
+
+    # A rerun decodes nothing: the progress files stay byte for byte the same.
+    before = {p: p.read_bytes() for p in (tmp_path / "progress").iterdir()}
+    again = _evaluation(tiny, tmp_path).run()
+    assert {p: p.read_bytes() for p in (tmp_path / "progress").iterdir()} == before
+    assert [s["bleu"] for s in again] == [s["bleu"] for s in summaries]
+
+
+def test_an_interrupted_run_resumes_to_the_same_traces(tiny, tmp_path):
+    specs = [RunSpec("group", 2)]
+    _evaluation(tiny, tmp_path / "whole", specs).run()
+    whole = _untimed(tmp_path / "whole" / specs[0].traces_file)
+
+    # Simulate a kill during the second sentence's append: half its line on disk.
+    _evaluation(tiny, tmp_path / "cut", specs).run()
+    progress = tmp_path / "cut" / specs[0].progress_file
+    lines = progress.read_bytes().splitlines(keepends=True)
+    progress.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2])
+    _evaluation(tiny, tmp_path / "cut", specs).run()
+    assert len(load_records(progress)) == 2
+    assert _untimed(tmp_path / "cut" / specs[0].traces_file) == whole
