@@ -84,12 +84,15 @@ def _source_words(events: Sequence[Event], source_words: Sequence[str]) -> list[
 
 
 def status_line(events: Sequence[Event], source_words: Sequence[str]) -> Text:
-    """``read 4/6 · written 3 · lag 1 · finish: eos`` (the total is ``?`` while unknown)."""
+    """``read 4/? · written 3 · lag 1 · running`` while running (the number of source
+    words is unknown until the stream ends), ``read 6/6 · written 5 · finish: eos`` after."""
     n_read = len(_reads(events))
     n_written = len(_writes(events))
     finish = _finish(events)
     total = str(len(_source_words(events, source_words))) if finish else "?"
-    parts = [f"read {n_read}/{total}", f"written {n_written}", f"lag {n_read - n_written}"]
+    parts = [f"read {n_read}/{total}", f"written {n_written}"]
+    if not finish:  # words read but not yet answered; meaningless once the source is done
+        parts.append(f"lag {n_read - n_written}")
     dropped = sum(isinstance(e, DroppedEos) for e in events)
     if dropped:
         parts.append(f"early EOS dropped ×{dropped}")
