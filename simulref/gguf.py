@@ -147,7 +147,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        if size < 24 or handle.read(4) != b"GGUF":
+        if handle.read(4) != b"GGUF":
             raise GGUFError(f"{path}: not a GGUF file (expected the magic bytes 'GGUF')")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
             cursor = _Cursor(buffer, path)
