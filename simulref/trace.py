@@ -20,7 +20,9 @@ from typing import Any
 
 SCHEMA_VERSION = "simulref.trace/1"
 
-FINISH_REASONS = ("eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled")
+FINISH_REASONS = (
+    "eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled", "empty_source",
+)
 
 
 def _check_index(owner: str, name: str, value: object) -> None:
