@@ -1,0 +1,517 @@
+"""The read/write loop: feed source words as the policy asks, generate target words.
+
+``stream(model, tokenizer, source, ...)`` yields :mod:`simulref.trace` events as it goes;
+``translate(...)`` collects them into a :class:`~simulref.trace.Trace`. See docs/decoder.md
+for the full contract; in short:
+
+- The prompt is fed in segments (:mod:`simulref.prompt`): the prefix (system turn + user
+  header) at once, each source word when the policy reads it, the end-of-turn suffix with
+  the last word, and the assistant header before the first target token. A
+  :class:`~simulref.cache.StreamCache` gives each chunk its group positions and mask.
+- A target word ends when the model samples a token that starts a new word (its text
+  begins with whitespace and the word so far has some non-space text), at EOS, or after
+  ``max_tokens_per_word`` tokens. The token that opened the next word was predicted
+  before the next source word was read: if the policy reads before that word, the token
+  is dropped, the last fed token's cache entry is trimmed, the source is read and the last
+  token is fed again, so the first token of every word sees the new source.
+- EOS sampled before the source is complete is dropped (a ``DroppedEos`` event) and one
+  more word is read; ``stop_at_first_eos=True`` stops there instead, as the paper's code.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .cache import SOURCE, TARGET, make_stream_cache
+from .policy import READ, WaitK
+from .prompt import DEFAULT_SYSTEM, template_for
+from .trace import DroppedEos, Finish, Read, Settings, Trace, Write
+
+LAYOUTS = ("group", "interleaved", "reencode")
+EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
+
+
+# ---------------------------------------------------------------- token pieces
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:  # bytes without a printable glyph are shifted past 255, in order
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    table = _byte_level_decoder()
+    out = bytearray()
+    for ch in token:
+        byte = table.get(ch)
+        out.extend(ch.encode("utf-8") if byte is None else bytes([byte]))
+    return bytes(out)
+
+
+def _spm_bytes(token: str) -> bytes:
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:5], 16)])  # byte-fallback piece
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per token id: its bytes, whether its text starts with whitespace (it opens a new
+    word) and whether it has any non-whitespace text."""
+
+    pieces: tuple[bytes, ...]
+    starts: tuple[bool, ...]
+    content: tuple[bool, ...]
+
+    def text(self, ids: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces[token] if token < len(self.pieces) else b""
+
+    def opens_word(self, token: int) -> bool:
+        return token < len(self.starts) and self.starts[token]
+
+    def has_content(self, token: int) -> bool:
+        return token < len(self.content) and self.content[token]
+
+
+def _build_token_table(tokenizer) -> TokenTable:
+    ids = list(range(len(tokenizer)))
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    probe = "".join(tokenizer.convert_ids_to_tokens(
+        tokenizer.encode(" a b", add_special_tokens=False)))
+    if "\u0120" in probe:  # 'Ġ': byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
+        pieces = [_byte_level_bytes(t) for t in tokens]
+    elif "\u2581" in probe:  # '▁': SentencePiece
+        pieces = [_spm_bytes(t) for t in tokens]
+    else:  # unknown scheme: decode one token at a time (may lose leading spaces)
+        pieces = [tokenizer.decode([i]).encode("utf-8") for i in ids]
+    return TokenTable(
+        pieces=tuple(pieces),
+        starts=tuple(p[:1].isspace() for p in pieces),
+        content=tuple(bool(p.strip()) for p in pieces),
+    )
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_table(tokenizer) -> TokenTable:
+    """The :class:`TokenTable` of ``tokenizer``, built once per tokenizer object."""
+    try:
+        table = _TABLES.get(tokenizer)
+    except TypeError:  # not weak-referenceable: build every time
+        return _build_token_table(tokenizer)
+    if table is None:
+        table = _TABLES[tokenizer] = _build_token_table(tokenizer)
+    return table
+
+
+# ---------------------------------------------------------------- source
+
+
+class _Source:
+    """Source words one at a time, each with whether it is the last.
+
+    A str is split on whitespace; a sequence is taken as words; any other iterable is read
+    lazily and may block while the speaker is silent. Knowing that a word is the last (so
+    the end-of-turn suffix goes with it) takes one word of look-ahead on a stream: a word
+    is read once the next word arrives or the input ends.
+    """
+
+    def __init__(self, source):
+        if isinstance(source, str):
+            source = source.split()
+        elif isinstance(source, bytes) or not isinstance(source, Iterable):
+            raise TypeError(f"source: expected a str, a sequence of words or an iterable of "
+                            f"words, got {type(source).__name__}")
+        self.length = len(source) if isinstance(source, Sequence) else None
+        self._it = iter(source)
+        self._ahead: list = []  # at most one word read from the iterator but not yet given
+        self._exhausted = False
+
+    def _pull(self) -> bool:
+        if not self._ahead and not self._exhausted:
+            try:
+                self._ahead.append(next(self._it))
+            except StopIteration:
+                self._exhausted = True
+        return bool(self._ahead)
+
+    def next(self):
+        """``(word, is_last)``, or None when the source is exhausted."""
+        if not self._pull():
+            return None
+        word = self._ahead.pop()
+        return word, not self._pull()
+
+
+# ---------------------------------------------------------------- debugging hook
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One model call, for :func:`stream`'s ``on_forward`` hook (tests and debugging).
+
+    ``start`` is the cache slot of the chunk's first token (slots past it were trimmed
+    before this call); ``tokens`` (an ``mx.array``, possibly still lazy), ``positions``
+    and ``kinds`` describe the chunk; ``logits`` are the last token's logits the decoder
+    samples from (None for source chunks, whose logits are never computed).
+    """
+
+    start: int
+    tokens: object
+    positions: tuple[int, ...]
+    kind: str
+    logits: object | None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _check_positive(name: str, value, allow_none: bool = False, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def _is_greedy(sampler) -> bool:
+    if sampler is None:
+        return True
+    from mlx_lm.sample_utils import make_sampler
+
+    return sampler is make_sampler(temp=0.0)
+
+
+class _Run:
+    """One translation's state. ``events()`` is the generator behind :func:`stream`."""
+
+    def __init__(self, model, template, source: _Source, policy, table: TokenTable, eos,
+                 layout, target_start, sampler, max_tokens_per_word, max_new_words,
+                 stop_at_first_eos, on_forward):
+        self.model = model
+        self.template = template
+        self.source = source
+        self.policy = policy
+        self.table = table
+        self.eos = eos
+        self.reencode = layout == "reencode"
+        self.caches = make_stream_cache(model, "interleaved" if self.reencode else layout,
+                                        target_start)
+        self.shared = self.caches[0].shared
+        self.greedy = _is_greedy(sampler)
+        self.sampler = sampler
+        self.max_tokens_per_word = max_tokens_per_word
+        self.max_new_words = max_new_words
+        self.stop_at_first_eos = stop_at_first_eos
+        self.on_forward = on_forward
+
+        self.read = 0
+        self.written = 0
+        self.source_done = False
+        self.source_ids: list[int] = []  # everything read, prefix included (for reencode)
+        self.fed: list[int] = []  # target tokens in the cache: header, then words' tokens
+        self.stale = False  # source read since the last target token was fed
+        self.pending: int | None = None  # sampled, not yet placed in a word
+        self.pending_fed = False  # ... and already fed speculatively
+        self.next_y = None  # the token sampled after feeding `pending`, when pending_fed
+
+    # -- model calls
+
+    def _forward(self, tokens, kind: str):
+        import mlx.core as mx
+
+        n = tokens.shape[0]
+        start = self.shared.length
+        self.shared.begin(kind, n)
+        out = self.model(tokens[None], cache=self.caches)
+        if kind == SOURCE:
+            # Only the cache is wanted; start computing it while we wait for input.
+            mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
+            logits = None
+        else:
+            logits = out[:, -1, :]
+        if self.on_forward is not None:
+            self.on_forward(Forward(start, tokens, self.shared.positions(), kind,
+                                    None if logits is None else logits[0]))
+        return logits
+
+    def _sample(self, logits):
+        import mlx.core as mx
+
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def _feed_source(self, ids: Sequence[int]) -> None:
+        import mlx.core as mx
+
+        self.source_ids.extend(ids)
+        if self.reencode and self.fed:
+            return  # rebuilt from scratch before the next target token
+        self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
+
+    def _feed_targets(self, ids):
+        """Feed target tokens (list of ints, or a lazy 1-element array); returns the lazy
+        next token."""
+        import mlx.core as mx
+
+        tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
+        return self._sample(self._forward(tokens, TARGET))
+
+    def _rebuild(self):
+        """Reencode: the whole cache again, source then target, contiguous positions."""
+        import mlx.core as mx
+
+        for cache in self.caches:
+            cache.reset()
+        self._forward(mx.array(self.source_ids, dtype=mx.int32), SOURCE)
+        return self._feed_targets(self.fed)
+
+    def _trim(self, n: int) -> None:
+        for cache in self.caches:
+            cache.trim(n)
+
+    # -- steps of the loop
+
+    def _read(self):
+        """Read one word; None when the source turns out to be exhausted."""
+        got = self.source.next()
+        if got is None:
+            self.source_done = True
+            return None
+        word, is_last = got
+        ids = tuple(self.template.word_ids(self.read, word))
+        if is_last:
+            ids += tuple(self.template.suffix_ids)
+        if self.fed and not self.stale:
+            # The pending token (and, below it, the last fed token's entry) was computed
+            # without this word: drop the one, trim the other, feed it again later.
+            if not self.reencode:
+                self._trim(1 + self.pending_fed)
+            self.pending, self.pending_fed, self.next_y = None, False, None
+            self.stale = True
+        self._feed_source(ids)
+        event = Read(self.read, word, ids, time.monotonic())
+        self.read += 1
+        if is_last:
+            self.source_done = True
+        return event
+
+    def _ensure_pending(self) -> None:
+        if self.pending is not None:
+            return
+        if not self.fed:
+            header = list(self.template.header_ids)
+            if not header:
+                raise ValueError("chat_format: the assistant header tokenizes to nothing")
+            self.fed.extend(header)
+            y = self._feed_targets(header)
+        elif not self.stale:
+            raise AssertionError("decoder: no pending token although no source was read")
+        elif self.reencode:
+            y = self._rebuild()
+        else:
+            y = self._feed_targets(self.fed[-1:])
+        self.stale = False
+        self.pending, self.pending_fed = y.item(), False
+
+    def _speculate(self) -> bool:
+        # Feeding the sampled token before looking at it (mx.async_eval pipelining, as
+        # mlx_lm.generate does) pays off unless the token ends up dropped, which happens
+        # when the next word needs a read first; the policy says in advance.
+        return self.policy.decide(self.read, self.written + 1, self.source_done,
+                                  self.source.length) is not READ
+
+    def _accept(self, token: int) -> None:
+        """Put the pending token in the current word and sample the one after it."""
+        import mlx.core as mx
+
+        self.fed.append(token)
+        y = self.next_y if self.pending_fed else self._feed_targets([token])
+        if self._speculate():
+            self.next_y = self._feed_targets(y)
+            mx.async_eval(self.next_y)
+            self.pending_fed = True
+        else:
+            self.next_y, self.pending_fed = None, False
+        self.pending = y.item()
+
+    def _write(self, word: list[int]) -> Write:
+        event = Write(self.written, self.table.text(word), tuple(word), time.monotonic())
+        self.written += 1
+        return event
+
+    def _words_limit(self) -> int | None:
+        if self.max_new_words is not None:
+            return self.max_new_words
+        if self.source_done:
+            return 2 * self.read + 10  # a runaway guard; see docs/decoder.md
+        return None
+
+    def events(self) -> Iterator:
+        # The prefix first: it is computed while a streamed source is still silent.
+        self._feed_source(self.template.prefix_ids)
+        force_read = False
+        while True:
+            limit = self._words_limit()
+            if limit is not None and self.written >= limit:
+                yield Finish("max_new_words", time.monotonic())
+                return
+            if not self.source_done and (
+                    force_read or self.policy.decide(self.read, self.written, False,
+                                                     self.source.length) is READ):
+                event = self._read()
+                force_read = False
+                if event is not None:
+                    yield event
+                elif self.read == 0:
+                    yield Finish(EMPTY_SOURCE, time.monotonic())
+                    return
+                continue
+            # Write one word.
+            self._ensure_pending()
+            word: list[int] = []
+            content = False
+            while True:
+                token = self.pending
+                if token in self.eos:
+                    if self.source_done or self.stop_at_first_eos:
+                        if content:
+                            yield self._write(word)
+                        yield Finish("eos" if self.source_done else "early_eos",
+                                     time.monotonic())
+                        return
+                    if content:
+                        yield self._write(word)
+                    yield DroppedEos(self.read - 1, time.monotonic())
+                    force_read = True
+                    break
+                if content and self.table.opens_word(token):
+                    yield self._write(word)  # `token` opens the next word
+                    break
+                if len(word) >= self.max_tokens_per_word:
+                    if content:
+                        yield self._write(word)
+                    if self.source_done:
+                        yield Finish("max_tokens_per_word", time.monotonic())
+                        return
+                    force_read = not content  # a whitespace run: read on rather than loop
+                    break
+                content = content or self.table.has_content(token)
+                word.append(token)
+                self._accept(token)
+
+
+def _check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _make_run(model, tokenizer, source, *, k, system, layout, target_start,
+              max_tokens_per_word, max_new_words, sampler, stop_at_first_eos, policy,
+              chat_format, on_forward) -> _Run:
+    layout = _check_layout(layout)
+    if policy is None:
+        policy = WaitK(k)
+    elif not callable(getattr(policy, "decide", None)):
+        raise TypeError(f"policy: expected an object with a decide() method, got {policy!r}")
+    _check_positive("max_tokens_per_word", max_tokens_per_word)
+    _check_positive("max_new_words", max_new_words, allow_none=True, minimum=0)
+    if not isinstance(stop_at_first_eos, bool):
+        raise TypeError(f"stop_at_first_eos: expected a bool, got {stop_at_first_eos!r}")
+    if sampler is not None and not callable(sampler):
+        raise TypeError(f"sampler: expected a callable (mlx_lm.sample_utils.make_sampler), "
+                        f"got {sampler!r}")
+    if on_forward is not None and not callable(on_forward):
+        raise TypeError(f"on_forward: expected a callable or None, got {on_forward!r}")
+    if target_start != "auto" and layout != "group":
+        raise ValueError(f"target_start: an explicit start applies to the 'group' layout only, "
+                         f"got target_start={target_start!r} with layout={layout!r}")
+    template = template_for(tokenizer, system=system, chat_format=chat_format)
+    return _Run(model, template, _Source(source), policy, token_table(tokenizer),
+                frozenset(tokenizer.eos_token_ids), layout, target_start, sampler,
+                max_tokens_per_word, max_new_words, stop_at_first_eos, on_forward)
+
+
+def stream(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM,
+           layout: str = "group", target_start: int | str = "auto",
+           max_tokens_per_word: int = 50, max_new_words: int | None = None,
+           sampler: Callable | None = None, stop_at_first_eos: bool = False, policy=None,
+           chat_format=None, on_forward: Callable | None = None) -> Iterator:
+    """Translate ``source`` simultaneously, yielding Read / Write / DroppedEos / Finish
+    events as they happen.
+
+    ``source``: a str (split on whitespace), a sequence of words, or any iterable of
+    words (it may block while the speaker is silent; the source is complete only when it
+    is exhausted). ``policy`` defaults to ``WaitK(k)``. ``layout``: ``"group"``,
+    ``"interleaved"`` or ``"reencode"`` (see :mod:`simulref.cache`). ``sampler``: an
+    ``mlx_lm.sample_utils.make_sampler`` sampler; greedy when None. ``max_new_words``:
+    None stops a runaway model at ``2 * N + 10`` words. ``on_forward``: debugging hook
+    called with a :class:`Forward` per model call.
+
+    Arguments are checked when ``stream`` is called, not on the first ``next()``.
+    """
+    run = _make_run(model, tokenizer, source, k=k, system=system, layout=layout,
+                    target_start=target_start, max_tokens_per_word=max_tokens_per_word,
+                    max_new_words=max_new_words, sampler=sampler,
+                    stop_at_first_eos=stop_at_first_eos, policy=policy,
+                    chat_format=chat_format, on_forward=on_forward)
+    return run.events()
+
+
+def _model_name(model, model_id) -> str:
+    if model_id is not None:
+        if not isinstance(model_id, str):
+            raise TypeError(f"model_id: expected a str or None, got {model_id!r}")
+        return model_id
+    return str(getattr(model, "model_type", type(model).__name__))
+
+
+def translate(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM,
+              layout: str = "group", target_start: int | str = "auto",
+              max_tokens_per_word: int = 50, max_new_words: int | None = None,
+              sampler: Callable | None = None, stop_at_first_eos: bool = False, policy=None,
+              chat_format=None, model_id: str | None = None,
+              on_forward: Callable | None = None) -> Trace:
+    """Run :func:`stream` to the end and return the :class:`~simulref.trace.Trace`.
+
+    ``model_id`` names the model in the trace's settings (default: its ``model_type``).
+    """
+    run = _make_run(model, tokenizer, source, k=k, system=system, layout=layout,
+                    target_start=target_start, max_tokens_per_word=max_tokens_per_word,
+                    max_new_words=max_new_words, sampler=sampler,
+                    stop_at_first_eos=stop_at_first_eos, policy=policy,
+                    chat_format=chat_format, on_forward=on_forward)
+    name = _model_name(model, model_id)
+    events = tuple(run.events())
+    words = tuple(e.word for e in events if isinstance(e, Read))
+    policy = run.policy
+    settings = Settings(
+        model=name, k=policy.k if isinstance(policy, WaitK) else None, layout=layout,
+        system=run.template.system, target_start=target_start,
+        max_tokens_per_word=max_tokens_per_word, max_new_words=max_new_words,
+        stop_at_first_eos=stop_at_first_eos,
+        extra={"policy": str(getattr(policy, "name", type(policy).__name__)),
+               "sampler": "greedy" if run.greedy else "custom"},
+    )
+    return Trace(settings, words, events)

@@ -1,0 +1,582 @@
+"""The decoder against slow, obviously-correct twins.
+
+- every logit it samples from matches a NumPy forward (tests/unit/oracle.py) over the same
+  tokens, positions and mask, rebuilt from the slots the decoder reports;
+- in the group layout the source part of the cache is a one-shot prefill of the source;
+- with k >= N every layout reproduces mlx_lm.stream_generate token for token;
+- a scripted model (a real mlx nn.Module speaking the cache protocol, whose next token is
+  a fixed function of the last token fed) pins down the schedule, word boundaries, EOS
+  handling and limits.
+
+Tolerance: the oracle agrees with mlx-lm's own float32 forward to ~4e-5 on logits of size
+~15 (checked below); ATOL = 5e-4 leaves a 10x margin, while a wrong position or mask moves
+logits by O(0.1-1) (see the break checks in docs/decoder.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from oracle import Oracle, causal, layout_mask, layout_positions
+
+from simulref import decoder
+from simulref.cache import SOURCE, TARGET
+from simulref.decoder import LAYOUTS, stream, token_table, translate
+from simulref.policy import ReadAll, Scripted, WaitK
+from simulref.prompt import DEFAULT_SYSTEM, assemble, template_for
+from simulref.testing import tiny_model, tiny_tokenizer
+from simulref.trace import DroppedEos, Finish, Read, Write
+
+ATOL = 5e-4
+POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
+        "car because my old one broken quick brown fox jumps over lazy dog").split()
+SENTENCE = "The weather is nice today so we are going to walk".split()
+
+
+@cache
+def model_of(arch: str, seed: int = 0):
+    return tiny_model(arch, seed)
+
+
+@cache
+def oracle_of(arch: str, seed: int = 0):
+    return Oracle(model_of(arch, seed))
+
+
+def tok():
+    return tiny_tokenizer()
+
+
+def with_eos(tokenizer, extra: int):
+    out = copy.copy(tokenizer)
+    out.eos_token_ids = set(tokenizer.eos_token_ids) | {extra}
+    return out
+
+
+def target_tokens(trace) -> list[int]:
+    return [t for w in trace.writes for t in w.token_ids]
+
+
+# ---------------------------------------------------------------- the oracle itself
+
+
+def llama_traditional_rope():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,
+                           intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
+                           rms_norm_eps=1e-5, vocab_size=64, rope_traditional=True,
+                           tie_word_embeddings=False, attention_bias=True)
+    mx.random.seed(3)
+    return llama.Model(args)
+
+
+@pytest.mark.parametrize("make", [lambda: model_of("llama"), lambda: model_of("qwen2"),
+                                  llama_traditional_rope],
+                         ids=["llama", "qwen2", "llama-traditional-rope-gqa4-bias"])
+def test_oracle_matches_mlx_lm_plain_forward(make):
+    model = make()
+    vocab = model.args.vocab_size
+    ids = np.random.default_rng(0).integers(0, vocab, 40)
+    reference = np.array(model(mx.array(ids)[None])[0])
+    ours = Oracle(model).logits(ids, np.arange(40), causal(40))
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_oracle_sees_positions_and_mask():
+    oracle, ids = oracle_of("llama"), np.arange(10, 30)
+    base = oracle.logits(ids, np.arange(20), causal(20))[-1]
+    shifted = oracle.logits(ids, np.arange(20) + np.r_[np.zeros(10), np.full(10, 3)],
+                            causal(20))[-1]
+    holes = causal(20)
+    holes[-1, 5] = False
+    assert np.abs(base - shifted).max() > 0.1
+    assert np.abs(base - oracle.logits(ids, np.arange(20), holes)[-1]).max() > 0.1
+
+
+# ---------------------------------------------------------------- decoder vs oracle
+
+
+def check_against_oracle(oracle, records, layout, target_start) -> int:
+    """Rebuild the cache slots from the decoder's reported chunks and compare every logit
+    it sampled from with the oracle's. Returns the number of logits checked."""
+    mask_layout = "interleaved" if layout == "reencode" else layout
+    tokens: list[int] = []
+    is_target: list[bool] = []
+    start = None if target_start == "auto" else target_start
+    checked = 0
+    for r in records:
+        chunk = np.array(r.tokens).reshape(-1).tolist()
+        del tokens[r.start:], is_target[r.start:]
+        if r.kind == TARGET and start is None:
+            start = len(is_target) - sum(is_target)  # "auto": source slots at first target
+        tokens += chunk
+        is_target += [r.kind == TARGET] * len(chunk)
+        positions = layout_positions(is_target, mask_layout, start or 0)
+        assert r.positions == tuple(positions[-len(chunk):])
+        if r.logits is None:
+            continue
+        expected = oracle.logits(tokens, positions, layout_mask(is_target, mask_layout))[-1]
+        np.testing.assert_allclose(np.array(r.logits), expected, atol=ATOL, rtol=0)
+        checked += 1
+    return checked
+
+
+@cache
+def frequent_tokens(arch: str) -> tuple[int, ...]:
+    """Tokens the tiny model writes: declared EOS in some examples, so that dropped-EOS
+    paths run on a real forward too."""
+    trace = translate(model_of(arch), tok(), SENTENCE, k=2, max_new_words=10)
+    return tuple(sorted(set(target_tokens(trace))))
+
+
+@settings(max_examples=15, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
+       k=st.integers(1, 5), layout=st.sampled_from(LAYOUTS),
+       target_start=st.sampled_from(["auto", "auto", 0, 7]),
+       max_tokens_per_word=st.sampled_from([1, 2, 50]),
+       eos_pick=st.none() | st.integers(0, 1000), stop_at_first_eos=st.booleans())
+def test_every_sampled_logit_matches_the_oracle(arch, words, k, layout, target_start,
+                                                 max_tokens_per_word, eos_pick,
+                                                 stop_at_first_eos):
+    if layout != "group":
+        target_start = "auto"
+    tokenizer = tok()
+    if eos_pick is not None:
+        common = frequent_tokens(arch)
+        tokenizer = with_eos(tokenizer, common[eos_pick % len(common)])
+    records = []
+    trace = translate(model_of(arch), tokenizer, words, k=k, layout=layout,
+                      target_start=target_start, max_tokens_per_word=max_tokens_per_word,
+                      max_new_words=6, stop_at_first_eos=stop_at_first_eos,
+                      on_forward=records.append)
+    assert check_against_oracle(oracle_of(arch), records, layout, target_start) >= 1
+    assert trace.finish_reason is not None
+
+
+# ---------------------------------------------------------------- group source cache
+
+
+def source_prefill(model, tokenizer, trace):
+    ids = list(template_for(tokenizer, system=DEFAULT_SYSTEM).prefix_ids)
+    for read in trace.reads:
+        ids += read.token_ids
+    cache = make_prompt_cache(model)
+    model(mx.array(ids)[None], cache=cache)
+    return cache, len(ids)
+
+
+def run_keeping_cache(model, words, **kw):
+    run = decoder._make_run(model, tok(), words, k=kw.pop("k"), system=DEFAULT_SYSTEM,
+                            target_start="auto", max_tokens_per_word=50, sampler=None,
+                            stop_at_first_eos=False, policy=None, chat_format=None,
+                            on_forward=None, **kw)
+    events = list(run.events())
+    return run, events
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_group_source_cache_is_a_one_shot_prefill(arch, k):
+    model = model_of(arch)
+    run, events = run_keeping_cache(model, SENTENCE, k=k, layout="group", max_new_words=9)
+    from simulref.trace import Settings, Trace
+
+    trace = Trace(Settings(model="tiny", k=k, layout="group", system=DEFAULT_SYSTEM),
+                  SENTENCE, events)
+    assert len(trace.writes) >= 3  # targets were written between reads
+    reference, n_source = source_prefill(model, tok(), trace)
+    is_target = run.shared.slot_is_target()
+    assert (~is_target).sum() == n_source
+    for ours, ref in zip(run.caches, reference, strict=True):
+        for mine, theirs in ((ours.keys, ref.keys), (ours.values, ref.values)):
+            source_part = np.array(mine[..., : ours.length, :])[:, :, ~is_target]
+            np.testing.assert_allclose(source_part, np.array(theirs[..., :n_source, :]),
+                                       atol=1e-4, rtol=0)
+
+
+def test_interleaved_source_cache_is_not_a_prefill():
+    """The twin of the test above: interleaving changes what the source part holds."""
+    model = model_of("llama")
+    run, events = run_keeping_cache(model, SENTENCE, k=1, layout="interleaved",
+                                    max_new_words=9)
+    from simulref.trace import Settings, Trace
+
+    trace = Trace(Settings(model="tiny", k=1, layout="interleaved", system=DEFAULT_SYSTEM),
+                  SENTENCE, events)
+    reference, n_source = source_prefill(model, tok(), trace)
+    is_target = run.shared.slot_is_target()
+    last = run.caches[-1]
+    source_part = np.array(last.keys[..., : last.length, :])[:, :, ~is_target]
+    assert np.abs(source_part - np.array(reference[-1].keys[..., :n_source, :])).max() > 1e-2
+
+
+# ---------------------------------------------------------------- offline equivalence
+
+
+def offline_tokens(model, tokenizer, words, n: int) -> list[int]:
+    from mlx_lm import stream_generate
+
+    prompt = assemble(tokenizer, words, system=DEFAULT_SYSTEM)
+    ids = list(prompt.ids) + list(prompt.header_ids)
+    return [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reading_everything_first_equals_mlx_lm_generate(arch, layout):
+    model = model_of(arch)
+    reference = offline_tokens(model, tok(), SENTENCE, 80)
+    for policy in (WaitK(len(SENTENCE)), WaitK(len(SENTENCE) + 3), ReadAll()):
+        trace = translate(model, tok(), SENTENCE, layout=layout, policy=policy,
+                          max_new_words=12)
+        ours = target_tokens(trace)
+        assert len(ours) >= 5
+        assert ours == reference[: len(ours)]
+        assert_ends_like(trace, reference, 12)
+
+
+def assert_ends_like(trace, reference, max_new_words):
+    """Either the word limit was hit, or the reference ends where we stopped: EOS, after
+    at most some whitespace-only tokens (a trailing whitespace 'word' is not written)."""
+    if trace.finish_reason == "max_new_words":
+        assert len(trace.writes) == max_new_words
+        return
+    assert trace.finish_reason == "eos"
+    rest = reference[len(target_tokens(trace)):]
+    assert rest[-1] in tok().eos_token_ids
+    assert not any(token_table(tok()).content[t] for t in rest[:-1])
+
+
+def test_layouts_part_ways_at_small_k_and_why():
+    """At k=1 the first target word is the same in every layout (same cache so far).
+    Then the second source word is read after target tokens: the group layout gives it
+    the next source positions and hides the targets from it; interleaved places it after
+    the targets and lets it see them; reencode rebuilds source-then-target, so the target
+    tokens move to later positions. The outputs then differ."""
+    model = model_of("llama")
+    records = {layout: [] for layout in LAYOUTS}
+    traces = {layout: translate(model, tok(), SENTENCE, k=1, layout=layout, max_new_words=8,
+                                on_forward=records[layout].append) for layout in LAYOUTS}
+    first = {tuple(t.writes[0].token_ids) for t in traces.values()}
+    assert len(first) == 1
+
+    def second_read(layout):
+        seen_target = False
+        for r in records[layout]:
+            seen_target |= r.kind == TARGET
+            if seen_target and r.kind == SOURCE:
+                return r
+
+    prefix_and_word0 = len(template_for(tok(), system=DEFAULT_SYSTEM).prefix_ids) + len(
+        traces["group"].reads[0].token_ids)
+    group, inter = second_read("group"), second_read("interleaved")
+    assert group.positions[0] == prefix_and_word0  # next source position
+    assert inter.positions[0] == inter.start > prefix_and_word0  # after the targets
+    rebuild = second_read("reencode")
+    assert rebuild.start == 0 and rebuild.positions[0] == 0
+    assert target_tokens(traces["group"]) != target_tokens(traces["interleaved"])
+    assert target_tokens(traces["group"]) != target_tokens(traces["reencode"])
+
+
+def test_target_start_zero_differs_from_auto():
+    model = model_of("qwen2")
+    auto = translate(model, tok(), SENTENCE, k=len(SENTENCE), max_new_words=6)
+    zero = translate(model, tok(), SENTENCE, k=len(SENTENCE), max_new_words=6,
+                     target_start=0)
+    assert target_tokens(auto) != target_tokens(zero)
+
+
+# ---------------------------------------------------------------- other architectures
+
+
+def tiny_qwen3():
+    from mlx_lm.models import qwen3
+
+    args = qwen3.ModelArgs(model_type="qwen3", hidden_size=64, num_hidden_layers=2,
+                           intermediate_size=128, num_attention_heads=4, rms_norm_eps=1e-6,
+                           vocab_size=512, num_key_value_heads=2, max_position_embeddings=512,
+                           head_dim=16, tie_word_embeddings=True, rope_theta=10000.0)
+    mx.random.seed(5)
+    return qwen3.Model(args)
+
+
+def tiny_gemma2():
+    from mlx_lm.models import gemma2
+
+    args = gemma2.ModelArgs(model_type="gemma2", hidden_size=64, num_hidden_layers=2,
+                            intermediate_size=128, num_attention_heads=4, head_dim=16,
+                            rms_norm_eps=1e-6, vocab_size=512, num_key_value_heads=2,
+                            query_pre_attn_scalar=16.0)
+    mx.random.seed(6)
+    return gemma2.Model(args)
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3, tiny_gemma2], ids=["qwen3", "gemma2"])
+def test_other_plain_kv_architectures_work(make):
+    model = make()
+    mx.eval(model.parameters())
+    reference = offline_tokens(model, tok(), SENTENCE, 60)
+    trace = translate(model, tok(), SENTENCE, k=len(SENTENCE), max_new_words=8)
+    assert target_tokens(trace) == reference[: len(target_tokens(trace))]
+    assert_ends_like(trace, reference, 8)
+    run, events = run_keeping_cache(model, SENTENCE, k=1, layout="group", max_new_words=6)
+    assert any(isinstance(e, Write) for e in events)
+
+
+def test_gemma3_sliding_window_is_refused():
+    from mlx_lm.models import gemma3_text
+
+    args = gemma3_text.ModelArgs(model_type="gemma3_text", hidden_size=32, num_hidden_layers=2,
+                                 intermediate_size=64, num_attention_heads=2, head_dim=16,
+                                 vocab_size=512, num_key_value_heads=1, sliding_window=8,
+                                 sliding_window_pattern=2)
+    with pytest.raises(ValueError, match="RotatingKVCache"):
+        translate(gemma3_text.Model(args), tok(), SENTENCE)
+
+
+# ---------------------------------------------------------------- a scripted model
+
+
+class ScriptedLM(nn.Module):
+    """A one-layer model whose next token is ``table[last token fed]``: it keeps a real
+    KV cache through the protocol (offset, update_and_fetch, make_mask) so the decoder
+    drives it exactly like an mlx-lm model, and forces a chosen token sequence."""
+
+    def __init__(self, vocab_size: int, transitions: dict[int, int], default: int):
+        super().__init__()
+        table = np.full(vocab_size, default, dtype=np.int64)
+        for a, b in transitions.items():
+            table[a] = b
+        # Row t: the logits after feeding token t (one-hot on its successor).
+        self.logits_after = mx.array(np.eye(vocab_size, dtype=np.float32)[table] * 20.0)
+
+    def make_cache(self):
+        return [KVCache()]
+
+    def __call__(self, inputs, cache=None):
+        n = inputs.shape[1]
+        if cache is not None:
+            cache[0].make_mask(n)
+            kv = mx.zeros((1, 1, n, 1))
+            cache[0].update_and_fetch(kv, kv)
+        return self.logits_after[inputs]
+
+
+def word_openers():
+    table = token_table(tok())
+    return [i for i in range(len(tok())) if table.starts[i] and table.content[i]]
+
+
+def continuations():
+    table = token_table(tok())
+    return [i for i in range(3, len(tok())) if not table.starts[i] and table.content[i]]
+
+
+HEADER_LAST = template_for(tok(), system=DEFAULT_SYSTEM).header_ids[-1]
+EOS = 2
+
+
+def scripted_words(n_words: int, multi_every: int = 3, extra: int = 1):
+    """Word i: an opener, plus ``extra`` continuation tokens every ``multi_every``-th word."""
+    openers, conts = iter(word_openers()), iter(continuations())
+    return [[next(openers)] + ([next(conts) for _ in range(extra)]
+                               if i % multi_every == 1 else [])
+            for i in range(n_words)]
+
+
+def scripted_model(words, end: int = EOS, first_from: int = HEADER_LAST):
+    chain = [first_from] + [t for w in words for t in w] + [end]
+    return ScriptedLM(len(tok()), dict(zip(chain, chain[1:], strict=False)), default=end)
+
+
+def test_schedule_is_min_k_plus_i_n_for_every_small_n_and_k():
+    fmt = template_for(tok(), system=DEFAULT_SYSTEM).chat_format
+    for n in range(0, 31):
+        source = [POOL[i % len(POOL)] for i in range(n)]
+        for k in range(1, n + 3):
+            # Enough words to write past the end of the source (min(k + i, N) = N).
+            words = scripted_words(max(2, n - k + 3))
+            trace = translate(scripted_model(words), tok(), source, k=k, chat_format=fmt)
+            if n == 0:
+                assert trace.events == (Finish(decoder.EMPTY_SOURCE, trace.events[0].t),)
+                continue
+            assert trace.delays == tuple(min(k + i, n) for i in range(len(words))), (n, k)
+            assert [list(w.token_ids) for w in trace.writes] == words
+            assert trace.finish_reason == "eos"
+
+
+def test_scripted_policy_and_writes_text():
+    words = scripted_words(6)
+    trace = translate(scripted_model(words), tok(), SENTENCE[:5], policy=Scripted([2, 2, 4]))
+    assert trace.delays == (2, 2, 4, 5, 5, 5)
+    for w in trace.writes:
+        assert w.text == tok().decode(list(w.token_ids))
+        assert w.word and w.text[0].isspace() == (w.target_index > 0 or w.text[0].isspace())
+
+
+def test_early_eos_is_dropped_and_reading_goes_on():
+    words = scripted_words(3)
+    trace = translate(scripted_model(words), tok(), SENTENCE[:7], k=1)
+    assert [list(w.token_ids) for w in trace.writes] == words
+    assert trace.delays == (1, 2, 3)
+    dropped = [e.source_index for e in trace.events if isinstance(e, DroppedEos)]
+    assert dropped == [2, 3, 4, 5]  # after words 3..6 read; the 7th completes the source
+    assert trace.finish_reason == "eos"
+    kinds = [type(e).__name__ for e in trace.events]
+    assert kinds[-3:] == ["DroppedEos", "Read", "Finish"]
+
+
+def test_stop_at_first_eos_stops_early():
+    words = scripted_words(3)
+    trace = translate(scripted_model(words), tok(), SENTENCE[:7], k=1, stop_at_first_eos=True)
+    assert trace.delays == (1, 2, 3) and trace.finish_reason == "early_eos"
+    assert not any(isinstance(e, DroppedEos) for e in trace.events)
+
+
+def test_eos_right_after_the_header_reads_the_whole_source():
+    trace = translate(scripted_model([]), tok(), SENTENCE[:4], k=2)
+    assert trace.writes == () and trace.finish_reason == "eos"
+    assert len(trace.reads) == 4
+    assert [e.source_index for e in trace.events if isinstance(e, DroppedEos)] == [1, 2]
+
+
+def test_long_words_are_cut_and_resume():
+    words = scripted_words(4, multi_every=2, extra=4)  # words 1 and 3 have 5 tokens
+    model = scripted_model(words)
+    trace = translate(model, tok(), SENTENCE[:8], k=1, max_tokens_per_word=3)
+    text = tok().decode([t for w in words for t in w])
+    assert "".join(w.text for w in trace.writes) == text
+    assert [len(w.token_ids) for w in trace.writes] == [1, 3, 2, 1, 3, 2]
+    done = translate(model, tok(), SENTENCE[:2], k=1, max_tokens_per_word=3)
+    assert done.finish_reason == "max_tokens_per_word"
+    assert [len(w.token_ids) for w in done.writes] == [1, 3]
+
+
+def test_max_new_words_stops():
+    words = scripted_words(10)
+    trace = translate(scripted_model(words), tok(), SENTENCE[:3], k=1, max_new_words=4)
+    assert len(trace.writes) == 4 and trace.finish_reason == "max_new_words"
+    runaway = scripted_model([], end=word_openers()[0], first_from=HEADER_LAST)
+    guard = translate(runaway, tok(), SENTENCE[:3], k=1)
+    assert len(guard.writes) == 2 * 3 + 10 and guard.finish_reason == "max_new_words"
+
+
+def test_the_last_read_carries_the_suffix():
+    trace = translate(scripted_model(scripted_words(5)), tok(), SENTENCE[:4], k=2)
+    template = template_for(tok(), system=DEFAULT_SYSTEM)
+    for read in trace.reads:
+        assert read.token_ids == template.word_ids(read.source_index, read.word) + (
+            template.suffix_ids if read.source_index == 3 else ())
+
+
+# ---------------------------------------------------------------- streamed sources
+
+
+def test_a_streamed_source_gives_the_same_trace_and_never_writes_early():
+    model = model_of("llama")
+    expected = translate(model, tok(), SENTENCE, k=3, max_new_words=12)
+    pulled = []
+    events = []
+
+    def words():
+        for w in SENTENCE:
+            writes = sum(isinstance(e, Write) for e in events)
+            # Word j is pulled only when reading word j-1 (one word of look-ahead) and
+            # wait-3 had at most j - 3 target words written by then.
+            assert writes <= max(0, len(pulled) - 2)
+            pulled.append(w)
+            yield w
+
+    for event in stream(model, tok(), words(), k=3, max_new_words=12):
+        events.append(event)
+    assert [e for e in expected.without_times().events] == [
+        type(e)(**{**e.__dict__, "t": 0.0}) for e in events]
+
+
+def test_a_slow_speaker_does_not_change_the_trace():
+    model = model_of("qwen2")
+    expected = translate(model, tok(), SENTENCE[:6], k=2, max_new_words=8).without_times()
+    q: queue.Queue = queue.Queue()
+
+    def speak():
+        for w in SENTENCE[:6]:
+            time.sleep(0.01)
+            q.put(w)
+        q.put(None)
+
+    threading.Thread(target=speak, daemon=True).start()
+    trace = translate(model, tok(), iter(q.get, None), k=2, max_new_words=8)
+    assert trace.without_times() == expected
+
+
+@pytest.mark.parametrize("source", ["", [], iter(())])
+def test_empty_source_reads_and_writes_nothing(source):
+    trace = translate(model_of("llama"), tok(), source)
+    assert trace.reads == () and trace.writes == ()
+    assert trace.finish_reason == decoder.EMPTY_SOURCE
+
+
+# ---------------------------------------------------------------- sampling, errors
+
+
+def test_greedy_sampler_object_is_the_default_path():
+    from mlx_lm.sample_utils import make_sampler
+
+    model = model_of("llama")
+    a = translate(model, tok(), SENTENCE, k=2, max_new_words=6)
+    b = translate(model, tok(), SENTENCE, k=2, max_new_words=6, sampler=make_sampler(0.0))
+    assert a.without_times() == b.without_times()
+    mx.random.seed(11)
+    c = translate(model, tok(), SENTENCE, k=2, max_new_words=6, sampler=make_sampler(1.0))
+    mx.random.seed(11)
+    d = translate(model, tok(), SENTENCE, k=2, max_new_words=6, sampler=make_sampler(1.0))
+    assert c.without_times().events == d.without_times().events
+    assert c.settings.option("sampler") == "custom"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"k": 0}, ValueError, "k: expected an int >= 1"),
+    ({"k": 1.5}, TypeError, "k: expected an int"),
+    ({"layout": "chrono"}, ValueError, "layout"),
+    ({"max_tokens_per_word": 0}, ValueError, "max_tokens_per_word"),
+    ({"max_new_words": -1}, ValueError, "max_new_words"),
+    ({"target_start": 3, "layout": "interleaved"}, ValueError, "target_start"),
+    ({"target_start": "zero"}, ValueError, "target_start"),
+    ({"stop_at_first_eos": "yes"}, TypeError, "stop_at_first_eos"),
+    ({"sampler": 3}, TypeError, "sampler"),
+    ({"policy": "wait-3"}, TypeError, "policy"),
+    ({"system": ""}, ValueError, "system"),
+])
+def test_bad_arguments_raise_when_stream_is_called(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        stream(model_of("llama"), tok(), SENTENCE, **kwargs)
+
+
+@pytest.mark.parametrize("source, error", [(b"hello", TypeError), (42, TypeError),
+                                           (["hello world"], ValueError), ([""], ValueError)])
+def test_bad_sources(source, error):
+    with pytest.raises(error, match="source"):
+        translate(model_of("llama"), tok(), source)
+
+
+def test_trace_settings():
+    trace = translate(model_of("llama"), tok(), SENTENCE[:3], k=2, max_new_words=2,
+                      model_id="tiny-llama")
+    s = trace.settings
+    assert (s.model, s.k, s.layout, s.max_new_words) == ("tiny-llama", 2, "group", 2)
+    assert s.option("policy") == "wait-2"
+    assert trace.source_words == tuple(SENTENCE[:3])
+    assert isinstance(trace.events[0], Read)
