@@ -469,11 +469,13 @@ TABLE_LATENCY = ("AP", "AL", "LAAL", "DAL", "ATD")
 
 def results_table(summaries: Sequence[Mapping]):
     """A rich Table: one row per run, quality then latency (reference-length variants)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="simulref eval (latency in source words, reference length)")
+    table = Table(title="latency in source words (|Y| = reference length); CA-AL in s",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"):
-        table.add_column(name, justify="left" if name == "run" else "right")
+        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
     for s in summaries:
         latency = s["latency_reference_length"]
         table.add_row(
@@ -487,4 +489,4 @@ def results_table(summaries: Sequence[Mapping]):
 def _fmt(value) -> str:
     if value is None or value != value:
         return "-"
-    return f"{value:.2f}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"

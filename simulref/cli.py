@@ -1,0 +1,697 @@
+"""The ``simulref`` command.
+
+Each subcommand is registered by one small ``add_<name>(subparsers)`` function listed
+in :data:`COMMANDS`; it adds its parser and sets ``run`` to the function that executes
+it. Adding a subcommand is: write ``add_x`` + ``run_x``, decorate ``add_x`` with
+``@command``.
+
+User errors (bad options, unreadable or malformed data, unknown model) end with exit
+code 2 and one line on stderr; Ctrl-C ends with exit code 130 after a final render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+LAYOUTS = ("group", "interleaved", "reencode")
+WATCH_MODES = ("live", "side-by-side", "trace")
+# simulref.gguf.DTYPES, kept here so that --help does not import MLX.
+DTYPES = ("float32", "bfloat16", "float16", "quantized")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block) and exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- option types --------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def target_start(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+# --- source words ------------------------------------------------------------------------
+
+_SPACE = re.compile(rb"[ \t\n\r\f\v]+")
+
+
+def words_from_chunks(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Words from a byte stream as soon as each is complete (followed by whitespace or
+    the end). Works on bytes so a UTF-8 character split across chunks stays whole."""
+    pending = b""
+    for chunk in chunks:
+        parts = _SPACE.split(pending + chunk)
+        pending = parts.pop()  # the last part may continue in the next chunk
+        for part in parts:
+            if part:
+                yield part.decode("utf-8", errors="replace")
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
+def words_from_stream(stream) -> Iterator[str]:
+    """Words from ``stream`` as they arrive. A real file descriptor is read with
+    ``os.read`` (returns whatever is there, no buffering that would wait for more); other
+    streams line by line."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None:
+        yield from words_from_chunks(iter(lambda: os.read(fd, 4096), b""))
+    else:
+        for line in iter(stream.readline, ""):
+            yield from line.split()
+
+
+def paced(words: Iterable[str], delay: float, sleep: Callable[[float], None] = time.sleep):
+    """Yield ``words`` with ``delay`` seconds between them (a replayed live source)."""
+    for i, word in enumerate(words):
+        if i and delay:
+            sleep(delay)
+        yield word
+
+
+def require_words(words: Iterable[str], what: str) -> Iterator[str]:
+    """Pass words through; a source that ends without one is a usage error."""
+    empty = True
+    for word in words:
+        empty = False
+        yield word
+    if empty:
+        raise UsageError(f"{what}: no source words")
+
+
+class Arrivals:
+    """Pulls words from a (possibly blocking) iterator on a thread, so a display can
+    show words that arrived before the policy reads them. Iterating yields the words
+    in order and blocks while none has arrived: the decoder still waits for the
+    source, which is what keeps wait-k honest when the input stalls."""
+
+    _END = object()
+
+    def __init__(self, words: Iterable[str]):
+        self.words: list[str] = []
+        self.ended = False
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(iter(words),), daemon=True)
+        self._thread.start()
+
+    def _pump(self, words: Iterator[str]) -> None:
+        try:
+            for word in words:
+                self.words.append(word)
+                self._queue.put(word)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._queue.put(error)
+        finally:
+            self.ended = True
+            self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def _source(args, *, stdin=None) -> tuple[Iterable[str], list[str] | None]:
+    """(word iterable, the words when known up front) from TEXT or stdin (``-``/none)."""
+    text = args.text
+    if text is None or text == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        return require_words(words_from_stream(stream), "stdin"), None
+    words = text.split()
+    if not words:
+        raise UsageError("TEXT: expected at least one word")
+    return words, words
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def load_model(spec: str | None, dtype: str | None = None):
+    """(model, tokenizer) for a preset name or a path; a bad one is a usage error."""
+    from simulref import models
+
+    name = spec or models.DEFAULT_PRESET
+    try:
+        return models.load(name, dtype)
+    except (OSError, ValueError, models.DownloadError) as error:
+        raise UsageError(f"--model {name}: {error}") from None
+
+
+def model_name(spec: str | None) -> str:
+    from simulref import models
+
+    return spec or models.DEFAULT_PRESET
+
+
+def decode_options(args) -> dict:
+    return dict(
+        k=args.k,
+        system=args.system,
+        layout=args.layout,
+        target_start=args.target_start,
+        max_tokens_per_word=args.max_tokens_per_word,
+        stop_at_first_eos=args.stop_at_first_eos,
+    )
+
+
+def rebase_times(trace, t0: float):
+    from simulref.evaluate import rebase_times
+
+    return rebase_times(trace, t0)
+
+
+def trace_settings(args, *, k: int | None = None, layout: str | None = None):
+    from simulref.trace import Settings
+
+    return Settings(
+        model=model_name(args.model),
+        k=args.k if k is None else k,
+        layout=layout or args.layout,
+        system=args.system,
+        target_start=args.target_start,
+        max_tokens_per_word=args.max_tokens_per_word,
+        stop_at_first_eos=args.stop_at_first_eos,
+        extra={"policy": f"wait-{args.k if k is None else k}", "sampler": "greedy"},
+    )
+
+
+def _default_system() -> str:
+    from simulref.prompt import DEFAULT_SYSTEM
+
+    return DEFAULT_SYSTEM
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    """--model, -k, --system, --layout, --target-start (+ decoder knobs)."""
+    parser.add_argument("--model", metavar="PRESET|PATH", default=None,
+                        help="model preset name or a GGUF file / mlx-lm directory "
+                             "(default: the default preset; see `simulref models`)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights dtype (default: float32 on CPU, quantized on a GPU)")
+    if many:
+        parser.add_argument("-k", "--k", dest="k", type=positive_int, nargs="+",
+                            metavar="K", default=None,
+                            help="wait-k values (default: 1 3 5 7 9)")
+        parser.add_argument("--layout", choices=LAYOUTS, nargs="+", action="extend",
+                            default=None, help="cache layouts to compare (default: group)")
+    else:
+        parser.add_argument("-k", "--k", dest="k", type=positive_int, default=3,
+                            help="words read before the first write (default: 3)")
+        parser.add_argument("--layout", choices=LAYOUTS, default="group",
+                            help="cache layout (default: group)")
+    parser.add_argument("--system", default=None,
+                        help="the instruction (default: translate English to French)")
+    parser.add_argument("--target-start", type=target_start, default="auto",
+                        metavar="auto|INT",
+                        help="first position of the target group (default: auto)")
+    parser.add_argument("--max-tokens-per-word", type=positive_int, default=50, metavar="N",
+                        help="end a target word after N tokens (default: 50)")
+    parser.add_argument("--stop-at-first-eos", action="store_true",
+                        help="stop at the first EOS even before the source ended "
+                             "(default: drop it and read on)")
+
+
+# --- registry ----------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = []
+
+
+def command(add: Callable) -> Callable:
+    """Register ``add(subparsers)`` as a subcommand."""
+    COMMANDS.append(add)
+    return add
+
+
+@command
+def add_translate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "translate", help="translate a sentence simultaneously and print the result",
+        description="Translate TEXT with a wait-k policy, printing target words as they "
+                    "are written. TEXT '-' (or none) reads words from stdin as they arrive.")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="source sentence, or - for stdin")
+    add_model_options(p)
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--trace", action="store_true",
+                        help="also print the compact read/write trace")
+    output.add_argument("--json", action="store_true",
+                        help="print the trace as JSON Lines instead of the translation")
+    p.set_defaults(run=run_translate)
+
+
+def stream_events(args, source: Iterable[str], model, tokenizer):
+    from simulref import decoder
+
+    return decoder.stream(model, tokenizer, source, **decode_options(args))
+
+
+def collect(events: Iterator, on_event: Callable | None = None) -> tuple[list, bool]:
+    """Drain an event stream; Ctrl-C closes it and adds Finish("cancelled").
+    Returns (events, interrupted)."""
+    from simulref.trace import Finish
+
+    out: list = []
+    try:
+        for event in events:
+            out.append(event)
+            if on_event:
+                on_event(event)
+    except KeyboardInterrupt:
+        close = getattr(events, "close", None)
+        if close:
+            close()
+        out.append(Finish("cancelled", time.monotonic()))
+        if on_event:
+            on_event(out[-1])
+        return out, True
+    return out, False
+
+
+def run_translate(args) -> int:
+    from simulref.trace import Finish, Read, Trace, Write, render_compact
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    source, _ = _source(args)
+    out = sys.stdout
+    written = [0]
+
+    def show(event) -> None:
+        if args.json:
+            return
+        if isinstance(event, Write):
+            out.write((" " if written[0] else "") + event.word)
+            out.flush()
+            written[0] += 1
+        elif isinstance(event, Finish):
+            out.write("\n")
+            out.flush()
+
+    start = time.monotonic()
+    events, interrupted = collect(stream_events(args, source, model, tokenizer), show)
+    words = tuple(e.word for e in events if isinstance(e, Read))
+    trace = rebase_times(Trace(trace_settings(args), words, tuple(events)), start)
+    if args.json:
+        out.write(trace.to_jsonl())
+    elif args.trace:
+        out.write(render_compact(trace) + "\n")
+    out.flush()
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+@command
+def add_watch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "watch", help="watch source words arrive and target words appear",
+        description="A terminal view of a simultaneous translation. TEXT '-' reads stdin "
+                    "word by word as it arrives (e.g. `asr | simulref watch -`); --delay "
+                    "replays a fixed TEXT at a given pace.")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="source sentence, or - for stdin")
+    add_model_options(p)
+    p.add_argument("--mode", choices=WATCH_MODES, default="live",
+                   help="live: two growing lines; side-by-side: what was read and written "
+                        "at each step; trace: one row per event with its time (default: live)")
+    p.add_argument("--delay", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="pause between source words of a fixed TEXT (default: 0)")
+    p.add_argument("--save", metavar="FILE.jsonl", default=None,
+                   help="also write the trace to FILE.jsonl")
+    p.set_defaults(run=run_watch)
+
+
+def watch(events: Iterator, arrivals: Arrivals, view: Callable, console) -> tuple[list, bool]:
+    """Drain ``events`` while showing ``view(events so far, words arrived)`` live on a
+    terminal; elsewhere (a pipe, a file) print only the final frame."""
+    from rich.live import Live
+
+    shown: list = []
+
+    def frame():
+        return view(list(shown), list(arrivals.words))
+
+    if not console.is_terminal:
+        result = collect(events, shown.append)
+        console.print(frame())
+        return result
+    with Live(get_renderable=frame, console=console, refresh_per_second=8,
+              redirect_stdout=False, redirect_stderr=False) as live:
+        def on_event(event) -> None:
+            shown.append(event)
+            live.refresh()
+
+        return collect(events, on_event)
+
+
+def run_watch(args) -> int:
+    from rich.console import Console
+
+    from simulref.trace import Read, Trace, write_traces
+    from simulref.views import VIEWS, trace_view
+
+    if args.delay and (args.text is None or args.text == "-"):
+        raise UsageError("--delay: only with a fixed TEXT (stdin sets its own pace)")
+    if args.save is not None:
+        _check_writable(args.save, "--save")
+    model, tokenizer = load_model(args.model, args.dtype)
+    source, _ = _source(args)
+    if args.delay:
+        source = paced(source, args.delay)
+    start = time.monotonic()
+    arrivals = Arrivals(source)
+    view = VIEWS[args.mode]
+    if view is trace_view:
+        view = functools.partial(trace_view, t0=start)
+    events, interrupted = watch(stream_events(args, arrivals, model, tokenizer), arrivals,
+                                view, Console())
+    if args.save is not None:
+        words = tuple(e.word for e in events if isinstance(e, Read))
+        trace = Trace(trace_settings(args), words, tuple(events))
+        write_traces(args.save, [rebase_times(trace, start)])
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _check_writable(path: str, option: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option}: cannot write to {path} (no writable directory {parent})")
+
+
+@command
+def add_eval(subparsers) -> None:
+    from simulref.evaluate import DATASETS
+
+    p = subparsers.add_parser(
+        "eval", help="score quality and latency over a parallel TSV file",
+        description="For each layout and k: BLEU, chrF, AP, AL, LAAL, DAL, ATD and tokens/s "
+                    "over DATA (source<TAB>reference per line), plus an offline run. "
+                    "Resumable: rerun with the same --out to continue.")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("data", nargs="?", metavar="DATA.tsv", help="source<TAB>reference lines")
+    data.add_argument("--dataset", choices=tuple(DATASETS), default=None,
+                      help="a bundled dataset instead of DATA")
+    add_model_options(p, many=True)
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="only the first N sentence pairs")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (default: eval-<data>-<model>)")
+    p.add_argument("--plot-sentence", type=non_negative_int, default=0, metavar="N",
+                   help="sentence whose read/write staircase is plotted (default: 0)")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline run")
+    p.add_argument("--word-duration", type=positive_float, default=0.4, metavar="SECONDS",
+                   help="source pace assumed by the computation-aware latency "
+                        "(default: 0.4 s per word)")
+    p.set_defaults(run=run_eval)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "model"
+
+
+def run_eval(args) -> int:
+    from simulref import evaluate
+
+    if args.data is None and args.dataset is None:
+        raise UsageError("DATA: give a DATA.tsv file or --dataset NAME")
+    path = evaluate.dataset_path(args.dataset) if args.dataset else Path(args.data)
+    try:
+        pairs = evaluate.read_pairs(path)
+    except evaluate.DataError as error:
+        raise UsageError(str(error)) from None
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    if args.plot_sentence >= len(pairs):
+        raise UsageError(f"--plot-sentence: expected an index below {len(pairs)}, "
+                         f"got {args.plot_sentence}")
+    ks = args.k or list(evaluate.DEFAULT_KS)
+    layouts = args.layout or ["group"]
+    system = args.system or evaluate.default_system(args.dataset, path)
+    name = model_name(args.model)
+    out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
+    settings = {
+        "model": name, "system": system, "target_start": args.target_start,
+        "max_tokens_per_word": args.max_tokens_per_word,
+        "stop_at_first_eos": args.stop_at_first_eos,
+        "data": args.dataset or str(path), "data_sha256": evaluate.sha256_of(pairs),
+        "sentences": len(pairs), "ks": ks, "layouts": layouts,
+        "word_duration": args.word_duration,
+    }
+    try:
+        evaluate.check_out_dir(out, settings)
+    except evaluate.DataError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"--out {out}: {error.strerror or error}") from None
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    job = evaluate.Evaluation(
+        model=model, tokenizer=tokenizer, pairs=pairs,
+        specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
+        settings=settings, target_start=args.target_start,
+        max_tokens_per_word=args.max_tokens_per_word, stop_at_first_eos=args.stop_at_first_eos,
+        word_duration=args.word_duration,
+    )
+    try:
+        summaries = _run_with_progress(job)
+    except KeyboardInterrupt:
+        print(f"simulref eval: interrupted; rerun with --out {out} to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
+    from rich.console import Console
+
+    console = Console()
+    console.print(evaluate.results_table(summaries))
+    console.print(f"results: {out / 'results.json'}")
+    for plot in plots:
+        console.print(f"plot: {plot}")
+    return 0
+
+
+def _run_with_progress(job) -> list[dict]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    tasks: dict = {}
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        def on_progress(spec, done: int, total: int) -> None:
+            if spec not in tasks:
+                label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+                tasks[spec] = progress.add_task(label, total=total, completed=done)
+            progress.update(tasks[spec], completed=done)
+
+        return job.run(on_progress)
+
+
+@command
+def add_models(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list model presets and which are cached",
+                              description="List model presets, where they are cached, sizes.")
+    p.set_defaults(run=run_models)
+
+
+def preset_rows() -> list[dict]:
+    """Name, description, size, cache path and whether it is cached, per preset."""
+    from simulref import models
+
+    rows = []
+    for name, preset in models.PRESETS.items():
+        path = models.cache_dir() / preset.filename
+        cached = path.is_file() and path.stat().st_size == preset.size
+        rows.append({"name": name, "default": name == models.DEFAULT_PRESET,
+                     "cached": cached, "size": preset.size, "path": path,
+                     "description": preset.description})
+    return rows
+
+
+def run_models(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from simulref import models
+
+    table = Table(title="simulref model presets", title_justify="left")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("cached")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("description")
+    for row in preset_rows():
+        table.add_row(row["name"] + (" (default)" if row["default"] else ""),
+                      "yes" if row["cached"] else "no", _size(row["size"]),
+                      row["description"])
+    console = Console()
+    console.print(table)
+    console.print(f"cache: {models.cache_dir()} (set SIMULREF_HOME to move it)",
+                  soft_wrap=True)
+    console.print("--model also takes a GGUF file, an mlx-lm model directory or a repo "
+                  "name (org/name).", soft_wrap=True)
+    return 0
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+@command
+def add_trace(subparsers) -> None:
+    p = subparsers.add_parser("trace", help="render stored traces compactly",
+                              description="Print each trace in FILE.jsonl as one line "
+                                          "(R read, W write, E dropped EOS, F finish).")
+    p.add_argument("file", metavar="FILE.jsonl")
+    p.set_defaults(run=run_trace)
+
+
+def run_trace(args) -> int:
+    from simulref.trace import read_traces, render_compact
+
+    try:
+        traces = read_traces(Path(args.file))
+    except OSError as error:
+        raise UsageError(f"{args.file}: cannot read ({error.strerror or error})") from None
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{args.file}: {error}") from None
+    for trace in traces:
+        print(f"{trace.target_text}\n  {render_compact(trace)}")
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="simulref",
+                     description="LLM simultaneous translation (wait-k) on MLX.")
+    from simulref import __version__
+
+    parser.add_argument("--version", action="version", version=f"simulref {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                       parser_class=_Parser)
+    for add in COMMANDS:
+        add(subparsers)
+    parser.commands = tuple(subparsers.choices)
+    return parser
+
+
+def _finish_defaults(args) -> None:
+    """Defaults that depend on other options, and checks that span several options."""
+    if getattr(args, "system", "unset") is None and args.command in ("translate", "watch"):
+        args.system = _default_system()
+    start = getattr(args, "target_start", "auto")
+    layouts = getattr(args, "layout", None)
+    layouts = [layouts] if isinstance(layouts, str) else layouts or ["group"]
+    if start != "auto" and any(layout != "group" for layout in layouts):
+        raise UsageError(f"--target-start {start}: an explicit start applies to the group "
+                         f"layout only (got --layout {' '.join(layouts)})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            commands = ", ".join(parser.commands)
+            print(f"simulref: error: a COMMAND is required ({commands}; see simulref --help)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        _finish_defaults(args)
+        return args.run(args)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+    except UsageError as error:
+        print(f"simulref: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("simulref: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`simulref ... | head`): not an error worth a traceback.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit flush
+        except OSError:
+            pass
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

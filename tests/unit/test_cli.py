@@ -1,0 +1,396 @@
+"""The ``simulref`` command, run in-process through ``main([...])`` and, for stdin
+streaming and Ctrl-C, as a real subprocess (``python -m simulref``) on a tiny GGUF model
+written by the test (the same loader path a user's ``--model FILE.gguf`` takes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+from simulref import cli, decoder, models
+from simulref.cli import main, paced, words_from_chunks, words_from_stream
+from simulref.policy import WaitK, schedule
+from simulref.trace import Finish, read_traces, render_compact
+from simulref.views import live_view, side_by_side_view
+
+ROOT = Path(__file__).resolve().parents[2]
+SENTENCE = "The weather is nice today"
+TSV = "The weather is nice\tIl fait beau\nI want to buy a car\tJe veux acheter une voiture\n"
+# Keep the tiny model's (meaningless) words short so every run takes milliseconds.
+FAST = ["--max-tokens-per-word", "4"]
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory) -> str:
+    from simulref.testing import write_tiny_gguf
+
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", seed=1))
+
+
+@pytest.fixture(scope="module")
+def loaded(gguf):
+    return models.load(gguf)
+
+
+def reference(loaded, source=SENTENCE, **kwargs):
+    """What the library itself produces for the same options (times dropped)."""
+    model, tokenizer = loaded
+    options = dict(k=3, max_tokens_per_word=4) | kwargs
+    return decoder.translate(model, tokenizer, source, **options).without_times()
+
+
+def render(renderable) -> str:
+    console = Console(record=True, width=80, color_system=None, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+@pytest.fixture(autouse=True)
+def _narrow_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+
+
+# --- translate ---------------------------------------------------------------------------
+
+
+def test_translate_prints_the_library_translation(gguf, loaded, capsys):
+    assert main(["translate", SENTENCE, "--model", gguf, *FAST]) == 0
+    out = capsys.readouterr().out
+    assert out == " ".join(reference(loaded).target_words) + "\n"
+
+
+def test_translate_trace_and_json(gguf, loaded, capsys):
+    expected = reference(loaded, k=2)
+    assert main(["translate", SENTENCE, "--model", gguf, "-k", "2", "--trace", *FAST]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [" ".join(expected.target_words), render_compact(expected)]
+
+    assert main(["translate", SENTENCE, "--model", gguf, "-k", "2", "--json", *FAST]) == 0
+    (trace,) = read_traces(capsys.readouterr().out)
+    assert trace.without_times().events == expected.events
+    assert trace.settings.k == 2 and trace.settings.model == gguf
+    times = [e.t for e in trace.events]
+    assert times == sorted(times) and times[0] >= 0  # counted from the stream's start
+
+
+def test_translate_reads_stdin(gguf, loaded, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The weather\nis nice\n  today"))
+    assert main(["translate", "-", "--model", gguf, *FAST]) == 0
+    assert capsys.readouterr().out == " ".join(reference(loaded).target_words) + "\n"
+
+
+def test_translate_layout_and_system_reach_the_decoder(gguf, loaded, capsys):
+    expected = reference(loaded, layout="interleaved", system="Translate to German")
+    assert main(["translate", SENTENCE, "--model", gguf, "--layout", "interleaved",
+                 "--system", "Translate to German", "--json", *FAST]) == 0
+    (trace,) = read_traces(capsys.readouterr().out)
+    assert trace.without_times().events == expected.events
+    assert trace.settings.layout == "interleaved"
+    assert trace.settings.system == "Translate to German"
+
+
+# --- watch -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view", [live_view, side_by_side_view])
+def test_watch_prints_the_final_view(gguf, loaded, capsys, view):
+    mode = {live_view: "live", side_by_side_view: "side-by-side"}[view]
+    assert main(["watch", SENTENCE, "--model", gguf, "--mode", mode, *FAST]) == 0
+    expected = reference(loaded)
+    assert capsys.readouterr().out == render(view(expected.events, SENTENCE.split()))
+
+
+def test_watch_trace_mode_and_save(gguf, loaded, capsys, tmp_path):
+    saved = tmp_path / "trace.jsonl"
+    assert main(["watch", SENTENCE, "--model", gguf, "--mode", "trace", "--delay", "0.01",
+                 "--save", str(saved), *FAST]) == 0
+    out = capsys.readouterr().out
+    (trace,) = read_traces(saved)
+    assert trace.without_times().events == reference(loaded).events
+    rows = [line.split() for line in out.splitlines()]
+    events = [row[1] for row in rows if len(row) > 2 and row[1] in ("read", "write")]
+    assert events == [type(e).__name__.lower() for e in trace.events
+                      if type(e).__name__ in ("Read", "Write")]
+    # The times shown are the saved ones (both count from the start of the stream).
+    shown = [float(row[0]) for row in rows if len(row) > 2 and row[1] in ("read", "write")]
+    assert shown == [round(e.t, 3) for e in trace.events if not isinstance(e, Finish)]
+
+
+def test_watch_ctrl_c_on_stdin_renders_cancelled_and_exits_130(gguf, capsys, monkeypatch):
+    class Interrupted(io.StringIO):
+        """Four words, then Ctrl-C while waiting for more."""
+
+        def readline(self, *args):
+            line = super().readline()
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    monkeypatch.setattr(sys, "stdin", Interrupted("The weather\nis nice\n"))
+    assert main(["watch", "-", "--model", gguf, "-k", "2", *FAST]) == 130
+    captured = capsys.readouterr()
+    assert "finish: cancelled" in captured.out
+    assert "Traceback" not in captured.err
+
+
+# --- eval --------------------------------------------------------------------------------
+
+
+def test_eval_writes_everything_and_resumes(gguf, capsys, tmp_path):
+    data = tmp_path / "dev.en-de.tsv"
+    data.write_text(TSV)
+    out = tmp_path / "out"
+    argv = ["eval", str(data), "--model", gguf, "-k", "1", "2", "--out", str(out),
+            "--plot-sentence", "1", *FAST]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for run in ("group-k1", "group-k2", "offline"):
+        assert run in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results["runs"]] == ["group-k1", "group-k2", "offline"]
+    assert results["settings"]["system"].endswith("to German")  # from the file name
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([
+        "progress", "results.json", "settings.json", "traces-group-k1.jsonl",
+        "traces-group-k2.jsonl", "traces-offline.jsonl", "quality-latency.png",
+        "quality-latency.svg", "staircase.png", "staircase.svg"])
+    assert len(read_traces(out / "traces-group-k2.jsonl")) == 2
+
+    before = {p.name: p.read_bytes() for p in (out / "progress").iterdir()}
+    assert main(argv) == 0  # resumed: nothing left to decode
+    assert {p.name: p.read_bytes() for p in (out / "progress").iterdir()} == before
+    # Another model in the same --out is refused.
+    code = main([*argv[:2], "--model", "smollm2-135m", *argv[4:]])
+    assert code == 2
+    assert "holds results of other settings" in capsys.readouterr().err
+
+
+def test_eval_bundled_dataset_with_limit(gguf, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["eval", "--dataset", "postgres-en-fr", "--limit", "1", "--model", gguf,
+                 "-k", "2", "--layout", "group", "interleaved", "--no-offline",
+                 "--out", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results["runs"]] == ["group-k2", "interleaved-k2"]
+    assert all(r["sentences"] == 1 for r in results["runs"])
+    assert results["settings"]["system"].endswith("to French")
+
+
+# --- models and trace ----------------------------------------------------------------------
+
+
+def test_models_lists_presets_and_what_is_cached(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SIMULREF_HOME", str(tmp_path))
+    preset = models.PRESETS["smollm2-135m"]
+    with open(tmp_path / preset.filename, "wb") as handle:  # sparse: no real download
+        handle.truncate(preset.size)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ ")}
+    assert set(rows) == set(models.PRESETS)
+    assert "(default)" in rows[models.DEFAULT_PRESET]
+    assert [c.strip() for c in rows["smollm2-135m"].split("│")][2] == "yes"
+    assert all([c.strip() for c in rows[n].split("│")][2] == "no"
+               for n in models.PRESETS if n != "smollm2-135m")
+    assert str(tmp_path) in out
+
+
+def test_trace_renders_stored_traces(gguf, loaded, capsys, tmp_path):
+    from simulref.trace import write_traces
+
+    traces = [reference(loaded, k=k) for k in (1, 3)]
+    write_traces(tmp_path / "t.jsonl", traces)
+    assert main(["trace", str(tmp_path / "t.jsonl")]) == 0
+    assert capsys.readouterr().out == "".join(
+        f"{t.target_text}\n  {render_compact(t)}\n" for t in traces)
+
+
+@pytest.mark.parametrize("command", ["translate", "watch", "eval", "models", "trace"])
+def test_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: simulref {command}")
+
+
+# --- user errors: exit 2, one line, no traceback ------------------------------------------
+
+
+@pytest.fixture
+def bad_tsv(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("a b\tc d\nno tab\n")
+    return str(path)
+
+
+ERRORS = [
+    (["translate", "x", "-k", "0"], "argument -k/--k: expected an integer >= 1, got '0'"),
+    (["translate", "x", "-k", "two"], "expected an integer >= 1, got 'two'"),
+    (["watch", "x", "--layout", "diagonal"], "argument --layout: invalid choice: 'diagonal'"),
+    (["translate", "x", "--target-start", "-3"], "expected 'auto' or an integer >= 0"),
+    (["translate", "x", "--target-start", "soon"], "expected 'auto' or an integer >= 0"),
+    (["translate", "x", "--target-start", "5", "--layout", "interleaved"],
+     "--target-start 5: an explicit start applies to the group layout only"),
+    (["translate", "x", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["translate", "x", "--model", "/no/such/file.gguf"], "no such file or directory"),
+    (["translate", "   ", "--model", "{gguf}"], "TEXT: expected at least one word"),
+    (["watch", "-", "--delay", "0.5"], "--delay: only with a fixed TEXT"),
+    (["watch", "x", "--delay", "-1"], "expected a number of seconds >= 0"),
+    (["eval"], "give a DATA.tsv file or --dataset NAME"),
+    (["eval", "{tmp}/absent.tsv"], "absent.tsv: cannot read"),
+    (["eval", "{tmp}"], "cannot read"),
+    (["eval", "{bad_tsv}"], "bad.tsv:2: expected 'source<TAB>reference'"),
+    (["eval", "{bad_tsv}", "--dataset", "postgres-en-fr"], "not allowed with argument"),
+    (["eval", "--dataset", "wmt"], "argument --dataset: invalid choice: 'wmt'"),
+    (["eval", "--dataset", "postgres-en-fr", "-k", "3", "0"], "expected an integer >= 1"),
+    (["eval", "--dataset", "postgres-en-fr", "--limit", "0"], "argument --limit"),
+    (["eval", "--dataset", "postgres-en-fr", "--limit", "2", "--plot-sentence", "2"],
+     "--plot-sentence: expected an index below 2, got 2"),
+    (["trace", "{tmp}/absent.jsonl"], "absent.jsonl: cannot read"),
+    (["trace", "{bad_tsv}"], "bad.tsv: line 1: expected a JSON object"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "a COMMAND is required"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, bad_tsv, gguf):
+    argv = [a.format(tmp=tmp_path, bad_tsv=bad_tsv, gguf=gguf) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_empty_stdin_is_a_user_error(gguf, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("  \n\n"))
+    assert main(["translate", "--model", gguf]) == 2
+    assert capsys.readouterr().err == "simulref: error: stdin: no source words\n"
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+
+
+@given(text=st.text(st.sampled_from("ab é\n\t日"), max_size=40), data=st.data())
+def test_words_from_chunks_any_split(text, data):
+    raw = text.encode()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    chunks = [raw[i:j] for i, j in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    assert list(words_from_chunks(chunks)) == text.split()
+
+
+def test_words_from_chunks_yields_a_word_as_soon_as_it_is_complete():
+    chunks = iter([b"The qu", b"ick ", b"brown"])
+    words = words_from_chunks(chunks)
+    assert next(words) == "The"
+    assert next(words) == "quick"  # before the next chunk is asked for
+    assert list(chunks) == [b"brown"]
+
+
+def test_words_from_a_real_pipe():
+    read, write = os.pipe()
+    os.write(write, b"one two\nthree ")
+    os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        assert list(words_from_stream(stream)) == ["one", "two", "three"]
+
+
+def test_paced_sleeps_between_words_only():
+    sleeps = []
+    assert list(paced(["a", "b", "c"], 0.5, sleep=sleeps.append)) == ["a", "b", "c"]
+    assert sleeps == [0.5, 0.5]
+
+
+def test_arrivals_forwards_words_and_errors():
+    def source():
+        yield "a"
+        yield "b"
+        raise OSError("gone")
+
+    arrivals = cli.Arrivals(source())
+    got = []
+    with pytest.raises(OSError, match="gone"):
+        for word in arrivals:
+            got.append(word)
+    assert got == ["a", "b"] and arrivals.words == ["a", "b"]
+
+
+# --- real subprocesses ---------------------------------------------------------------------
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", "TERM": "xterm"}
+    env.pop("FORCE_COLOR", None)
+    return env
+
+
+def test_watch_stdin_pipe_with_pauses_keeps_wait_k(gguf, loaded, tmp_path):
+    """Words dribble in through a pipe with pauses: the decoder waits for them (it does
+    not take a stall for the end of the source) and the result is the same as with the
+    whole sentence given at once."""
+    saved = tmp_path / "trace.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulref", "watch", "-", "--model", gguf, "-k", "2",
+         "--mode", "side-by-side", "--save", str(saved), *FAST],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    for piece in (b"The weather ", b"is", b" nice\n"):
+        process.stdin.write(piece)
+        process.stdin.flush()
+        time.sleep(0.3)
+    out, err = process.communicate(b"today", timeout=120)  # the last word, then EOF
+    assert process.returncode == 0, err.decode()
+    (trace,) = read_traces(saved)
+    assert trace.source_words == tuple(SENTENCE.split())
+    assert trace.delays == schedule(WaitK(2), 5, len(trace.target_words))
+    assert trace.without_times().events == reference(loaded, k=2).events
+    assert out.decode() == render(side_by_side_view(trace.events, SENTENCE.split()))
+
+
+def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
+    """A live view on a pseudo-terminal, stdin left open after three words (the decoder
+    waits for a fourth), then SIGINT: exit code 130, the last frame says cancelled, and
+    no traceback."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulref", "watch", "-", "--model", gguf, "-k", "2", *FAST],
+        stdin=subprocess.PIPE, stdout=slave, stderr=slave, env=_env(), close_fds=True)
+    os.close(slave)
+    screen = b""
+
+    def read_until(marker: bytes, deadline: float) -> None:
+        nonlocal screen
+        while marker not in screen:
+            assert time.monotonic() < deadline, f"no {marker!r} in ...{screen[-400:]!r}"
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    return
+
+    try:
+        process.stdin.write(b"The weather is ")
+        process.stdin.flush()
+        read_until(b"written 1", time.monotonic() + 60)  # a hang guard, not a timing
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        read_until(b"finish: cancelled", time.monotonic() + 10)
+    finally:
+        process.kill()
+        process.stdin.close()
+        os.close(master)
+    assert b"Traceback" not in screen
