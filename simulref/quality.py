@@ -63,8 +63,8 @@ def clean_hypothesis(
     """``text`` without chat-template debris, stripped of surrounding whitespace.
 
     Removes, at the start, the assistant header (``assistant_header`` if given, and the
-    known ChatML / Llama 3 / Gemma headers) and what such a header leaves when decoded
-    without its special tokens (its role word followed by a newline, e.g.
+    known ChatML / Llama 3 / Gemma headers) or else what such a header leaves when
+    decoded without its special tokens (its role word followed by a newline, e.g.
     ``"assistant\\n"``); and, anywhere, the special tokens (``special_tokens`` and
     :data:`KNOWN_SPECIAL_TOKENS`), a token between two words leaving one space. A
     legitimate leading word is kept: only these exact strings are removed."""
@@ -93,14 +93,17 @@ def clean_hypothesis(
 
     leading = headers + tuple(sorted(set(tokens), key=len, reverse=True))
     out = text
+    header_seen = False
     while True:  # peel header debris off the start until nothing changes
         before = out
         out = out.lstrip()
         for piece in leading:
             if out.startswith(piece):
                 out = out[len(piece):]
+                header_seen = header_seen or piece in headers
                 break
-        role = role_re.match(out)
+        # After a whole header, what follows is the translation, even "assistant\n".
+        role = None if header_seen else role_re.match(out)
         if role:
             out = out[role.end():]
         if out == before:

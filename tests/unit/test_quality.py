@@ -53,6 +53,7 @@ headers = st.sampled_from(KNOWN_ASSISTANT_HEADERS)
         ("", ""),
         ("  \n ", ""),
         ("assistant\n", ""),  # an empty translation behind a leaked header
+        ("<|im_start|>assistant\nassistant\n", "assistant"),  # after a header: the text
     ],
 )
 def test_clean_hypothesis_examples(raw, clean):
