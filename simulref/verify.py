@@ -1,0 +1,837 @@
+"""Check a prompt, a schedule or a trace against the reference's rules; compare two traces.
+
+Another implementation of simultaneous translation (or a new version of this one) can be
+held against simulref without sharing any code: emit traces in the JSON Lines format of
+:mod:`simulref.trace`, then
+
+- :func:`check_trace` checks one trace on its own (reads in order and matching the source,
+  writes numbered in order and never before wait-k allows, one final finish whose reason
+  fits what happened, dropped EOS only where the decoder may drop one),
+- :func:`compare_traces` finds the first event where it differs from a reference trace,
+- :func:`check_prompt` checks a segmented prompt (the instruction whole in segment 0, each
+  source word alone in its own segment, no source in the end-of-turn suffix),
+- :func:`check_schedule` checks a list of delays against wait-k,
+
+and ``simulref verify TRACE.jsonl [-k K] [--against REF.jsonl]`` does the same from the
+command line (see docs/verify.md). Checks return lists of :class:`Violation` (empty: all
+good) rather than raising, so that every problem of a broken trace is reported at once.
+
+Pure: no MLX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from .trace import DroppedEos, Event, Finish, Read, Settings, Trace, Write
+
+EXIT_PASS = 0
+EXIT_VIOLATIONS = 1
+EXIT_UNREADABLE = 2
+
+# Finish reasons that say the whole source was read.
+_SOURCE_ENDED = ("eos", "max_tokens_per_word")
+# Finish reasons the decoder gives while trying to write a word.
+_AT_WRITE_ATTEMPT = ("eos", "early_eos", "max_tokens_per_word")
+# What may end a stream right after a dropped EOS (the decoder otherwise reads on).
+_AFTER_DROPPED_EOS = ("max_new_words", "cancelled")
+
+
+class _Unset:
+    """Marks an expected/actual value that a violation does not have (None is a value)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An expected value that is a bound, e.g. ``Bound(">=", 3)``: shown as ``>= 3``."""
+
+    op: str
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.op} {_show(self.value)}"
+
+
+# ------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: ``rule`` names it (e.g. ``"trace.early_write"``), ``message`` says
+    what is wrong; the indices say where (``span``: prompt segment, ``event_index``: position
+    in ``trace.events``, ``target_index`` / ``source_index``: target / source word, all
+    0-based) and ``expected`` / ``actual`` give the values when there are some."""
+
+    rule: str
+    message: str
+    span: int | None = None
+    event_index: int | None = None
+    target_index: int | None = None
+    source_index: int | None = None
+    expected: Any = UNSET
+    actual: Any = UNSET
+
+    @property
+    def where(self) -> str:
+        parts = []
+        if self.span is not None:
+            parts.append(f"span {self.span}")
+        if self.event_index is not None:
+            parts.append(f"event {self.event_index}")
+        if self.target_index is not None:
+            parts.append(f"target {self.target_index}")
+        if self.source_index is not None:
+            parts.append(f"source {self.source_index}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        text = f"{self.rule}: "
+        if self.where:
+            text += f"{self.where}: "
+        text += self.message
+        if self.expected is not UNSET or self.actual is not UNSET:
+            text += f" (expected {_show(self.expected)}, got {_show(self.actual)})"
+        return text
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a candidate trace first departs from a reference trace.
+
+    ``what`` is ``"settings"``, ``"source_words"`` or ``"events"``. For events,
+    ``event_index`` is the first differing position, ``expected`` / ``actual`` the
+    reference's and the candidate's event there (None when that trace has already ended),
+    ``words_read`` / ``written`` the source words read and target words written (in the
+    reference) before it. Times are never compared."""
+
+    what: str
+    message: str
+    event_index: int | None = None
+    expected: Any = None
+    actual: Any = None
+    words_read: tuple[str, ...] = ()
+    written: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.what != "events":
+            return f"{self.what} differ: {self.message}"
+        context = (f"after reading {len(self.words_read)} word(s) "
+                   f"{_show(' '.join(self.words_read))} and writing {len(self.written)} "
+                   f"{_show(' '.join(self.written))}")
+        return (f"traces diverge at event {self.event_index} ({context}): {self.message}\n"
+                f"  expected: {describe_event(self.expected)}\n"
+                f"  actual:   {describe_event(self.actual)}")
+
+
+def describe_event(event: Event | None) -> str:
+    """One readable line for an event, token ids included, time left out."""
+    if event is None:
+        return "(end of trace)"
+    if isinstance(event, Read):
+        return (f"read source {event.source_index} {_show(event.word)} "
+                f"token_ids {list(event.token_ids)}")
+    if isinstance(event, Write):
+        return (f"write target {event.target_index} {_show(event.text)} "
+                f"token_ids {list(event.token_ids)}")
+    if isinstance(event, DroppedEos):
+        return f"dropped EOS after source {event.source_index}"
+    if isinstance(event, Finish):
+        return f"finish {_show(event.reason)}"
+    return repr(event)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Bound):
+        return str(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False) if _jsonable(value) else repr(value)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def _int_tuple(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a sequence of ints, got {value!r}")
+    out = tuple(value)
+    for i, item in enumerate(out):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name}[{i}]: expected an int, got {item!r}")
+    return out
+
+
+def _check_k(value, name: str = "k") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def _words(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(value.split())
+    if isinstance(value, bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"words: expected a sequence of str, got {value!r}")
+    for i, word in enumerate(value):
+        if not isinstance(word, str):
+            raise TypeError(f"words[{i}]: expected a str, got {word!r}")
+    return tuple(value)
+
+
+# ------------------------------------------------------------------------- prompts
+
+
+def _decoder(tokenizer):
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise TypeError("tokenizer: expected a Hugging Face tokenizer or mlx-lm "
+                        f"TokenizerWrapper (with decode), got {type(tokenizer).__name__}")
+
+    def text(ids: Sequence[int]) -> str:
+        try:
+            return decode(list(ids), skip_special_tokens=False,
+                          clean_up_tokenization_spaces=False)
+        except TypeError:  # a plain decode(ids) without Hugging Face's options
+            return decode(list(ids))
+
+    return text
+
+
+def _template_or_none(tokenizer, system: str, chat_format):
+    from .prompt import template_for
+
+    if chat_format is not None:
+        return template_for(tokenizer, system=system, chat_format=chat_format)
+    try:
+        return template_for(tokenizer, system=system)
+    except (TypeError, ValueError):  # no chat template to discover: fall back to text rules
+        return None
+
+
+def _tiling(ids: tuple[int, ...], spans: Sequence, n_words: int) -> list[Violation]:
+    out = []
+    if len(spans) != n_words + 2:
+        out.append(Violation("prompt.spans", "expected one span for the prefix, one per "
+                             "source word and one for the suffix", expected=n_words + 2,
+                             actual=len(spans)))
+    position = 0
+    for j, (start, end) in enumerate(spans):
+        if start != position:
+            what = "a gap before it" if start > position else "it overlaps the previous span"
+            out.append(Violation("prompt.spans", f"spans must tile the ids in order: {what}",
+                                 span=j, expected=position, actual=start))
+        if end < start:
+            out.append(Violation("prompt.spans", "span ends before it starts", span=j,
+                                 expected=Bound(">=", start), actual=end))
+        position = max(end, start)
+    if position != len(ids):
+        out.append(Violation("prompt.spans", "the spans must end where the ids end",
+                             span=len(spans) - 1, expected=len(ids), actual=position))
+    return out
+
+
+def _segment_texts(ids, spans, decode) -> list[str]:
+    """The text each segment adds to the decoded prompt.
+
+    Decoding a lone segment is not enough: SentencePiece tokenizers drop the leading space
+    of the first token they decode. The text a segment adds to the decoded ids before it
+    has no such edge; where that is not a clean extension (a boundary inside a character),
+    the segment is decoded alone, which then fails the checks it should fail.
+    """
+    texts, before = [], ""
+    for start, end in spans:
+        upto = decode(ids[:end])
+        if upto.startswith(before):
+            texts.append(upto[len(before):])
+        else:
+            texts.append(decode(ids[start:end]))
+        before = upto
+    return texts
+
+
+def check_prompt(ids, spans, tokenizer, system: str, words, *,
+                 chat_format=None) -> list[Violation]:
+    """Check a segmented prompt: ``ids`` the prompt's token ids, ``spans`` its N+2
+    ``(start, end)`` segments (prefix, one per source word, suffix), ``words`` the N source
+    words, ``system`` the instruction. ``tokenizer``: a Hugging Face tokenizer or mlx-lm
+    ``TokenizerWrapper`` (anything with ``decode``; ``encode`` and a chat template for the
+    suffix rule).
+
+    Rules, on the text each segment adds to the decoded prompt:
+
+    - ``prompt.spans``: N+2 spans that tile ``ids`` in order, with no gap or overlap;
+    - ``prompt.instruction``: segment 0 contains the whole ``system`` text;
+    - ``prompt.word``: segment i (1..N) is exactly its word, with a leading space for all
+      but the first. This alone keeps every instruction token (and every other word's)
+      out of the word segments;
+    - ``prompt.suffix``: when a chat format is given or can be discovered from the
+      tokenizer, the last segment is exactly the template's suffix ids; otherwise its text
+      contains no source word standing alone (between whitespace or text ends), so
+      ``"a"`` inside ``"<|im_end|>"`` is no violation.
+    """
+    ids = _int_tuple("ids", ids)
+    if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence):
+        raise TypeError(f"spans: expected a sequence of (start, end) pairs, got {spans!r}")
+    spans = tuple(_int_tuple(f"spans[{j}]", s) for j, s in enumerate(spans))
+    for j, span in enumerate(spans):
+        if len(span) != 2:
+            raise TypeError(f"spans[{j}]: expected a (start, end) pair, got {span!r}")
+    if not isinstance(system, str) or not system:
+        raise TypeError(f"system: expected the instruction as a non-empty str, got {system!r}")
+    words = _words(words)
+    decode = _decoder(tokenizer)
+
+    out = _tiling(ids, spans, len(words))
+    if out:
+        return out  # the other rules read segments that do not exist
+    texts = _segment_texts(ids, spans, decode)
+    if system not in texts[0]:
+        out.append(Violation("prompt.instruction", "segment 0 must contain the whole "
+                             "instruction", span=0, expected=system, actual=texts[0]))
+    for i, word in enumerate(words):
+        expected = word if i == 0 else " " + word
+        if texts[i + 1] != expected:
+            out.append(Violation("prompt.word", f"segment of source word {i} must be exactly "
+                                 "that word", span=i + 1, source_index=i, expected=expected,
+                                 actual=texts[i + 1]))
+    out += _check_suffix(ids, spans, texts[-1], tokenizer, system, words, chat_format)
+    return out
+
+
+def _check_suffix(ids, spans, text, tokenizer, system, words, chat_format) -> list[Violation]:
+    last = len(spans) - 1
+    template = _template_or_none(tokenizer, system, chat_format)
+    if template is not None:
+        start, end = spans[last]
+        if ids[start:end] != tuple(template.suffix_ids):
+            return [Violation("prompt.suffix", "the last segment must be the chat template's "
+                              "end-of-turn suffix", span=last,
+                              expected=list(template.suffix_ids), actual=list(ids[start:end]))]
+        return []
+    leaked = [w for w in dict.fromkeys(words)
+              if re.search(r"(?<!\S)" + re.escape(w) + r"(?!\S)", text)]
+    if leaked:
+        return [Violation("prompt.suffix", f"the suffix holds source word(s) {leaked}",
+                          span=last, actual=text)]
+    return []
+
+
+# ------------------------------------------------------------------------ schedules
+
+
+def wait_k_delay(k: int, target_index: int, source_length: int) -> int:
+    """Source words wait-k has read before target word ``target_index``: ``min(k+i, N)``."""
+    return min(k + target_index, source_length)
+
+
+def check_schedule(delays, source_length: int, k: int) -> list[Violation]:
+    """Check ``delays`` (source words read before each target word) against wait-k over a
+    source of ``source_length`` words: delay i must be ``min(k + i, N)``. One violation
+    (rule ``schedule.wait_k``) per offending target index."""
+    delays = _int_tuple("delays", delays)
+    if isinstance(source_length, bool) or not isinstance(source_length, int) \
+            or source_length < 0:
+        raise ValueError(f"source_length: expected an int >= 0, got {source_length!r}")
+    k = _check_k(k)
+    out = []
+    for i, delay in enumerate(delays):
+        need = wait_k_delay(k, i, source_length)
+        if delay != need:
+            how = "early" if delay < need else "late"
+            out.append(Violation("schedule.wait_k", f"target word written too {how} for "
+                                 f"wait-{k} over {source_length} source words",
+                                 target_index=i, expected=need, actual=delay))
+    return out
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def check_trace(trace: Trace, k: int | None = None) -> list[Violation]:
+    """Check that ``trace`` is internally consistent and, with a wait-k lag, that it
+    follows wait-k. ``k`` defaults to ``trace.settings.k`` (None: no wait-k check).
+
+    A dropped EOS makes the decoder read one more word than wait-k asks, so the wait-k rule
+    is checked event by event (every write has at least ``min(k+i, N)`` reads before it;
+    every read is one wait-k asks for or the one a dropped EOS forces) rather than on the
+    delays alone; without dropped EOS that is exactly :func:`check_schedule` on
+    ``trace.delays`` (plus no read that wait-k would not make after the last write).
+
+    N is ``len(trace.source_words)``. The decoder stores only the words it read, so a trace
+    that stopped early (``early_eos``, ``max_new_words``, ``cancelled``) may look like it
+    read its whole source; rules that would need the true N are then not applied.
+    """
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace: expected a simulref.trace.Trace, got {type(trace).__name__}")
+    out: list[Violation] = []
+    if k is not None:
+        k = _check_k(k)
+    elif trace.settings.k is not None:
+        if trace.settings.k < 1:
+            out.append(Violation("trace.settings", "settings.k must be a wait-k lag >= 1",
+                                 expected=">= 1", actual=trace.settings.k))
+        else:
+            k = trace.settings.k
+    for i, word in enumerate(trace.source_words):
+        if word.split() != [word]:
+            out.append(Violation("trace.source_word", "a source word must be non-empty and "
+                                 "hold no whitespace", source_index=i, actual=word))
+    out += _check_finish_events(trace)
+    out += _Replay(trace, k).run()
+    return out
+
+
+def _check_finish_events(trace: Trace) -> list[Violation]:
+    finishes = [j for j, e in enumerate(trace.events) if isinstance(e, Finish)]
+    if not finishes:
+        return [Violation("trace.no_finish", "a trace must end with a finish event (and its "
+                          "reason)", event_index=len(trace.events))]
+    out = []
+    for j in finishes[1:]:
+        out.append(Violation("trace.finish_count", "exactly one finish event expected",
+                             event_index=j, expected=1, actual=len(finishes)))
+    if finishes[0] != len(trace.events) - 1:
+        out.append(Violation("trace.finish_not_last", "the finish event must be the last "
+                             "event", event_index=finishes[0],
+                             expected=len(trace.events) - 1, actual=finishes[0]))
+    return out
+
+
+class _Replay:
+    """Walk the events once, tracking words read and written, as a decoder would."""
+
+    def __init__(self, trace: Trace, k: int | None):
+        self.trace, self.k, self.settings = trace, k, trace.settings
+        self.n = len(trace.source_words)
+        self.read = 0  # Read events so far: the delay definition of Trace.delays
+        self.next_source = 0  # expected next source_index (resynchronized after a gap)
+        self.written = 0
+        self.next_target = 0
+        self.out: list[Violation] = []
+
+    def run(self) -> list[Violation]:
+        events = self.trace.events
+        for j, event in enumerate(events):
+            before = events[j - 1] if j else None
+            after = events[j + 1] if j + 1 < len(events) else None
+            if isinstance(event, Read):
+                self.on_read(j, event, before)
+            elif isinstance(event, Write):
+                self.on_write(j, event)
+            elif isinstance(event, DroppedEos):
+                self.on_dropped_eos(j, event, after)
+            else:
+                self.on_finish(j, event, before)
+        return self.out
+
+    def add(self, rule: str, message: str, **where) -> None:
+        self.out.append(Violation(rule, message, **where))
+
+    def need(self) -> int:
+        return wait_k_delay(self.k, self.written, self.n)
+
+    def on_read(self, j: int, e: Read, before: Event | None) -> None:
+        i = e.source_index
+        if i != self.next_source:
+            self.add("trace.read_order", "source words must be read in order, each once",
+                     event_index=j, source_index=i, expected=self.next_source, actual=i)
+        self.next_source = i + 1
+        if i >= self.n:
+            self.add("trace.read_past_end", f"the source has {self.n} word(s)",
+                     event_index=j, source_index=i, expected=Bound("<", self.n), actual=i)
+        elif e.word != self.trace.source_words[i]:
+            self.add("trace.read_word", "the word read differs from the source word",
+                     event_index=j, source_index=i, expected=self.trace.source_words[i],
+                     actual=e.word)
+        if not e.token_ids:
+            self.add("trace.read_tokens", "a read must feed at least one token",
+                     event_index=j, source_index=i)
+        forced = isinstance(before, DroppedEos)
+        if self.k is not None and not forced and self.read < self.n \
+                and self.read >= self.need():
+            self.add("trace.extra_read", f"wait-{self.k} writes target word {self.written} "
+                     f"once {self.need()} word(s) are read; this read is neither asked for "
+                     "nor forced by a dropped EOS", event_index=j, source_index=i,
+                     expected="write", actual="read")
+        self.read += 1
+
+    def on_write(self, j: int, e: Write) -> None:
+        i = e.target_index
+        if i != self.next_target:
+            self.add("trace.write_order", "target words must be numbered 0, 1, 2, ... in "
+                     "order", event_index=j, target_index=i, expected=self.next_target,
+                     actual=i)
+        self.next_target = i + 1
+        if not e.text.strip() or not e.token_ids:
+            self.add("trace.empty_write", "a write must have text beyond whitespace and "
+                     "token ids", event_index=j, target_index=i,
+                     actual={"text": e.text, "token_ids": list(e.token_ids)})
+        cap = self.settings.max_tokens_per_word
+        if cap is not None and len(e.token_ids) > cap:
+            self.add("trace.word_too_long", "more tokens than settings.max_tokens_per_word",
+                     event_index=j, target_index=i, expected=Bound("<=", cap),
+                     actual=len(e.token_ids))
+        if self.read == 0:
+            self.add("trace.write_before_read", "a target word written before any source "
+                     "word was read", event_index=j, target_index=i,
+                     expected=Bound(">=", 1), actual=0)
+        elif self.k is not None and self.read < self.need():
+            self.add("trace.early_write", f"wait-{self.k} writes target word {self.written} "
+                     f"only after min(k + i, N) = {self.need()} source word(s)",
+                     event_index=j, target_index=i, expected=Bound(">=", self.need()),
+                     actual=self.read)
+        self.written += 1
+        limit = self.settings.max_new_words
+        if limit is not None and self.written == limit + 1:
+            self.add("trace.max_new_words", "more target words than settings.max_new_words",
+                     event_index=j, target_index=i, expected=Bound("<=", limit),
+                     actual=self.written)
+
+    def on_dropped_eos(self, j: int, e: DroppedEos, after: Event | None) -> None:
+        if self.settings.stop_at_first_eos:
+            self.add("trace.dropped_eos", "with settings.stop_at_first_eos an EOS ends the "
+                     "translation (finish 'early_eos'); it is never dropped", event_index=j)
+        if e.source_index != self.read - 1:
+            self.add("trace.dropped_eos", "a dropped EOS names the last source word read",
+                     event_index=j, source_index=e.source_index, expected=self.read - 1,
+                     actual=e.source_index)
+        if isinstance(after, (Write, DroppedEos)):
+            self.add("trace.dropped_eos", "a dropped EOS must be followed by a read (the "
+                     "decoder reads on) or by the finish", event_index=j + 1,
+                     expected="read or finish", actual=describe_event(after))
+        elif isinstance(after, Finish) and after.reason not in _AFTER_DROPPED_EOS:
+            self.add("trace.dropped_eos", "only a word limit or a cancel may end the "
+                     "translation right after a dropped EOS (the source had not ended)",
+                     event_index=j + 1, expected=" or ".join(_AFTER_DROPPED_EOS),
+                     actual=after.reason)
+
+    def on_finish(self, j: int, e: Finish, before: Event | None) -> None:
+        reason = e.reason
+        if reason == "empty_source":
+            if self.n or j:
+                self.add("trace.finish_reason", "'empty_source' ends a trace of an empty "
+                         f"source, with no other event (here {self.n} source word(s), {j} "
+                         "event(s) before it)", event_index=j)
+            return
+        if not self.n and reason not in ("cancelled", "max_new_words"):
+            self.add("trace.finish_reason", "an empty source finishes with 'empty_source'",
+                     event_index=j, expected="empty_source", actual=reason)
+        if reason in _SOURCE_ENDED and self.read != self.n:
+            self.add("trace.unread_source", f"finish {reason!r} comes only once the whole "
+                     "source was read", event_index=j, expected=self.n, actual=self.read)
+        # A word with content is written before the EOS that ends its attempt, so after a
+        # write the attempt was that write's; otherwise the attempt needs its own reads.
+        if reason in _AT_WRITE_ATTEMPT and self.n and not isinstance(before, Write):
+            need = 1 if self.k is None else self.need()
+            if self.read < need:
+                self.add("trace.finish_reason", f"finish {reason!r} ends a write attempt, "
+                         f"which comes only after {need} source word(s) are read",
+                         event_index=j, expected=Bound(">=", need), actual=self.read)
+        if reason == "early_eos" and not self.settings.stop_at_first_eos:
+            self.add("trace.finish_reason", "'early_eos' needs settings.stop_at_first_eos "
+                     "(otherwise an early EOS is dropped)", event_index=j,
+                     expected=True, actual=False)
+        limit = self.settings.max_new_words
+        if reason == "max_new_words" and limit is not None and self.written != limit:
+            self.add("trace.finish_reason", "finish 'max_new_words' comes once exactly "
+                     "settings.max_new_words target words are written", event_index=j,
+                     expected=limit, actual=self.written)
+
+
+_DERIVED = ("target_words", "delays", "finish_reason")
+
+
+def check_header(header: Mapping[str, Any], trace: Trace) -> list[Violation]:
+    """Check the derived fields a trace header record claims (``target_words``, ``delays``,
+    ``finish_reason``) against what ``trace``'s events give (rule ``trace.header``)."""
+    if not isinstance(header, Mapping):
+        raise TypeError(f"header: expected a mapping (a parsed header record), got {header!r}")
+    derived = {"target_words": list(trace.target_words), "delays": list(trace.delays),
+               "finish_reason": trace.finish_reason}
+    return [Violation("trace.header", f"header {key} disagrees with the events",
+                      expected=derived[key], actual=header[key])
+            for key in _DERIVED if key in header and header[key] != derived[key]]
+
+
+# ------------------------------------------------------------------------- compare
+
+
+def compare_traces(reference: Trace, candidate: Trace, *,
+                   ignore_settings: Sequence[str] = ("model", "extra")) -> Divergence | None:
+    """The first difference between ``candidate`` and ``reference``, or None.
+
+    In order: settings (all fields but those in ``ignore_settings``: by default the model
+    name and free-form extras, labels that differ between implementations), source words
+    (a word that differs; when one list only extends the other, the events say more), then
+    events, times ignored: the first position where they differ or one trace ends.
+    """
+    for name, value in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(value, Trace):
+            raise TypeError(f"{name}: expected a simulref.trace.Trace, "
+                            f"got {type(value).__name__}")
+    names = {f.name for f in fields(Settings)}
+    if isinstance(ignore_settings, str) or not set(ignore_settings) <= names:
+        raise ValueError(f"ignore_settings: expected names among {sorted(names)}, "
+                         f"got {ignore_settings!r}")
+    settings = _settings_difference(reference.settings, candidate.settings, ignore_settings)
+    if settings:
+        return settings
+    words = _source_difference(reference.source_words, candidate.source_words)
+    if words and words.expected is not None and words.actual is not None:
+        return words  # a changed word, not merely a longer or shorter list
+    events = _event_difference(reference.events, candidate.events)
+    return events or words
+
+
+def _settings_difference(ref: Settings, cand: Settings, ignore) -> Divergence | None:
+    a, b = ref.to_dict(), cand.to_dict()
+    keys = [key for key in a if key not in ignore and a[key] != b[key]]
+    if not keys:
+        return None
+    message = "; ".join(f"{key}: expected {_show(a[key])}, got {_show(b[key])}" for key in keys)
+    return Divergence("settings", message, expected={key: a[key] for key in keys},
+                      actual={key: b[key] for key in keys})
+
+
+def _source_difference(ref: tuple[str, ...], cand: tuple[str, ...]) -> Divergence | None:
+    for i, (a, b) in enumerate(zip(ref, cand, strict=False)):
+        if a != b:
+            return Divergence("source_words", f"word {i}: expected {_show(a)}, got {_show(b)}",
+                              expected=a, actual=b)
+    if len(ref) != len(cand):
+        return Divergence("source_words", f"expected {len(ref)} word(s), got {len(cand)}",
+                          expected=None, actual=None)
+    return None
+
+
+def _timeless(event: Event) -> Event:
+    return replace(event, t=0.0)
+
+
+def _event_difference(ref: Sequence[Event], cand: Sequence[Event]) -> Divergence | None:
+    for j in range(max(len(ref), len(cand))):
+        a = ref[j] if j < len(ref) else None
+        b = cand[j] if j < len(cand) else None
+        if a is not None and b is not None and _timeless(a) == _timeless(b):
+            continue
+        before = ref[:j]
+        return Divergence(
+            "events", _how_events_differ(a, b), event_index=j, expected=a, actual=b,
+            words_read=tuple(e.word for e in before if isinstance(e, Read)),
+            written=tuple(e.word for e in before if isinstance(e, Write)))
+    return None
+
+
+def _how_events_differ(a: Event | None, b: Event | None) -> str:
+    if a is None:
+        return "the candidate has an event the reference does not"
+    if b is None:
+        return "the candidate ends here; the reference goes on"
+    if type(a) is not type(b):
+        return f"expected a {type(a).__name__}, got a {type(b).__name__}"
+    parts = []
+    for f in fields(a):
+        if f.name == "t":
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x == y:
+            continue
+        if f.name == "token_ids":
+            pairs = enumerate(zip(x, y, strict=False))
+            at = next((p for p, (u, v) in pairs if u != v), min(len(x), len(y)))
+            parts.append(f"token_ids differ from position {at}")
+        else:
+            parts.append(f"{f.name} differs")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def load_traces(path) -> list[tuple[Trace, list[Violation]]]:
+    """The traces in a JSON Lines file, each with the violations of its header's derived
+    fields (``target_words``, ``delays``, ``finish_reason``).
+
+    :func:`simulref.trace.read_traces` refuses a header that disagrees with its events; a
+    verifier reports that as a violation instead, and reads everything else just as
+    strictly. Raises ``OSError`` for an unreadable file and ``ValueError`` (with the line
+    number) for malformed JSON Lines.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")  # as trace.py does: U+2028 and friends stay inside strings
+    out = []
+    for first, last, header in _groups(lines):
+        trace = _trace_of_group(lines, first, last, header)
+        out.append((trace, check_header(header, trace)))
+    return out
+
+
+def _groups(lines: list[str]) -> list[tuple[int, int, dict]]:
+    """(first line index, end line index, header record) of each trace in the file."""
+    starts: list[tuple[int, dict]] = []
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"line {index + 1}: invalid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {index + 1}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        if record.get("record") == "trace":
+            starts.append((index, record))
+        elif not starts:
+            raise ValueError(f"line {index + 1}: expected a 'trace' header record first, "
+                             f"got {record.get('record')!r}")
+    if not starts:
+        return []
+    ends = [index for index, _ in starts[1:]] + [len(lines)]
+    return [(first, end, header) for (first, header), end in zip(starts, ends, strict=True)]
+
+
+_EVENT_CLASSES = {"read": Read, "write": Write, "dropped_eos": DroppedEos, "finish": Finish}
+
+
+def _trace_of_group(lines: list[str], first: int, end: int, header: dict) -> Trace:
+    # Blank lines in front keep trace.py's line numbers those of the file.
+    def parse(header_line: str) -> Trace:
+        text = "\n" * first + "\n".join([header_line, *lines[first + 1:end]])
+        return Trace.from_jsonl(text)
+
+    try:
+        events = tuple(_event(json.loads(raw)) for raw in lines[first + 1:end] if raw.strip())
+    except (TypeError, ValueError, KeyError):
+        return parse(lines[first])  # a bad event: let trace.py say where and why
+    probe = Trace(Settings(model="", k=None, layout="-", system=""), (), events)
+    fixed = dict(header)
+    for key, value in (("target_words", list(probe.target_words)),
+                       ("delays", list(probe.delays)), ("finish_reason", probe.finish_reason)):
+        if key in fixed:
+            fixed[key] = value
+    return parse(json.dumps(fixed, sort_keys=True, ensure_ascii=False))
+
+
+def _event(record: dict) -> Event:
+    cls = _EVENT_CLASSES[record["record"]]
+    return cls(**{key: value for key, value in record.items() if key != "record"})
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_verify_cli(trace_path, k: int | None = None, against=None,
+                   out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``simulref verify``: check every trace in ``trace_path`` (and compare it with the
+    trace at the same position in ``against``). Prints one line per trace and per problem
+    to ``out`` (default stdout); an unreadable file is one line on ``err`` (default
+    stderr). Returns 0 when everything passes, 1 on violations or divergences, 2 when an
+    input cannot be read."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if k is not None:
+        k = _check_k(k)
+    loaded = _load_for_cli(trace_path, err)
+    if loaded is None:
+        return EXIT_UNREADABLE
+    references = None
+    if against is not None:
+        references = _load_for_cli(against, err)
+        if references is None:
+            return EXIT_UNREADABLE
+    failed = 0
+    if references is not None and len(references) != len(loaded):
+        failed += 1
+        print(f"FAIL: {against} holds {len(references)} trace(s), {trace_path} holds "
+              f"{len(loaded)}", file=out)
+    for index, (trace, problems) in enumerate(loaded):
+        problems = problems + check_trace(trace, k)
+        divergence = None
+        if references is not None and index < len(references):
+            divergence = compare_traces(references[index][0], trace)
+        if not problems and divergence is None:
+            print(f"trace {index}: PASS", file=out)
+            continue
+        failed += 1
+        print(f"trace {index}: FAIL", file=out)
+        for problem in problems:
+            print(f"  {problem}", file=out)
+        if divergence is not None:
+            print("  " + str(divergence).replace("\n", "\n  "), file=out)
+    if failed:
+        print(f"FAIL ({failed} of {len(loaded)} trace(s))", file=out)
+        return EXIT_VIOLATIONS
+    print(f"PASS ({len(loaded)} trace(s))", file=out)
+    return EXIT_PASS
+
+
+def _load_for_cli(path, err: TextIO) -> list[tuple[Trace, list[Violation]]] | None:
+    try:
+        loaded = load_traces(path)
+    except OSError as error:
+        print(f"simulref verify: {path}: cannot read ({error.strerror or error})", file=err)
+        return None
+    except (ValueError, TypeError) as error:  # UnicodeDecodeError is a ValueError
+        print(f"simulref verify: {path}: {error}", file=err)
+        return None
+    if not loaded:
+        print(f"simulref verify: {path}: no trace in the file", file=err)
+        return None
+    return loaded
+
+
+def _lag(text: str) -> int:
+    try:
+        return _check_k(int(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    return run_verify_cli(args.trace, k=args.k, against=args.against)
+
+
+def add_verify_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``simulref verify`` on an argparse ``subparsers`` object; the parsed
+    namespace's ``run(args)`` runs it and returns the exit code."""
+    p = subparsers.add_parser(
+        "verify", help="check traces against the reference's rules (and a reference trace)",
+        description="Check each trace in TRACE.jsonl: reads in order and matching the "
+                    "source, writes in order and never before wait-k allows, one final "
+                    "finish. With --against, also report the first event where each trace "
+                    "differs from the trace at the same position in REF.jsonl. Exit code: "
+                    "0 pass, 1 violations, 2 unreadable input.")
+    p.add_argument("trace", metavar="TRACE.jsonl", help="traces in simulref's JSON Lines format")
+    p.add_argument("-k", "--k", dest="k", type=_lag, default=None, metavar="K",
+                   help="wait-k lag to check the schedule against (default: each trace's "
+                        "settings.k; none: no schedule check)")
+    p.add_argument("--against", metavar="REF.jsonl", default=None,
+                   help="reference traces to compare with, position by position")
+    p.set_defaults(run=_run_args)
+    return p
