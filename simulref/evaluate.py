@@ -473,7 +473,7 @@ def results_table(summaries: Sequence[Mapping]):
     from rich.table import Table
 
     table = Table(title="latency in source words (|Y| = reference length); CA-AL in s",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"):
         table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
     for s in summaries:
