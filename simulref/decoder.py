@@ -244,9 +244,10 @@ class _Run:
         self.shared.begin(kind, n)
         out = self.model(tokens[None], cache=self.caches)
         if kind == SOURCE:
-            # Only the cache is wanted; start computing it while we wait for input.
-            mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
-            logits = None
+            if self.source.length is None:
+                # A stream may block on the next word: compute the cache meanwhile.
+                mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
+            logits = None  # only the cache is wanted
         else:
             logits = out[:, -1, :]
         if self.on_forward is not None:

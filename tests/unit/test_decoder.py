@@ -163,7 +163,29 @@ def test_every_sampled_logit_matches_the_oracle(arch, words, k, layout, target_s
                       max_new_words=6, stop_at_first_eos=stop_at_first_eos,
                       on_forward=records.append)
     assert check_against_oracle(oracle_of(arch), records, layout, target_start) >= 1
+    check_slots(records, trace, tokenizer)
     assert trace.finish_reason is not None
+
+
+def check_slots(records, trace, tokenizer):
+    """What the cache holds is what the trace says: source slots are the prefix and the
+    words read, in order; target slots are the header and the written tokens, in order
+    (bar the last slot, which may hold a token not written yet). A skipped trim or a
+    token fed twice shows here, not in the logits."""
+    template = template_for(tokenizer, system=DEFAULT_SYSTEM)
+    source = list(template.prefix_ids) + [t for r in trace.reads for t in r.token_ids]
+    target = list(template.header_ids) + target_tokens(trace)
+    tokens, is_target = [], []
+    for r in records:
+        chunk = np.array(r.tokens).reshape(-1).tolist()
+        del tokens[r.start:], is_target[r.start:]
+        tokens += chunk
+        is_target += [r.kind == TARGET] * len(chunk)
+        ours_source = [t for t, flag in zip(tokens, is_target, strict=True) if not flag]
+        ours_target = [t for t, flag in zip(tokens, is_target, strict=True) if flag]
+        assert ours_source == source[: len(ours_source)]
+        settled = ours_target[:-1]
+        assert settled[: len(target)] == target[: len(settled)]
 
 
 # ---------------------------------------------------------------- group source cache
@@ -580,3 +602,72 @@ def test_trace_settings():
     assert s.option("policy") == "wait-2"
     assert trace.source_words == tuple(SENTENCE[:3])
     assert isinstance(trace.events[0], Read)
+
+
+# ---------------------------------------------------------------- what the first token sees
+
+
+class CountingLM(nn.Module):
+    """A one-layer model that attends, through the cache protocol and the mask it is
+    given, to marked keys: it writes word ``opener[s]`` where s is the number of source
+    words it can see, and EOS once it sees ``n_words`` words of its own.
+
+    So the first token of each target word tells how many source words were visible when
+    it was predicted: the decoder must drop the token predicted before a read and predict
+    it again after (a stale token, a skipped trim or a hidden source word all show)."""
+
+    def __init__(self, vocab_size, source_ids, openers, n_words):
+        super().__init__()
+        feats = np.zeros((vocab_size, 2), dtype=np.float32)
+        feats[list(source_ids), 0] = 1.0
+        feats[list(openers), 1] = 1.0
+        self.feats = mx.array(feats)
+        self.openers = mx.array(list(openers) + [EOS] * 64)
+        self.n_words = n_words
+        self.vocab_size = vocab_size
+
+    def make_cache(self):
+        return [KVCache()]
+
+    def __call__(self, inputs, cache):
+        n = inputs.shape[1]
+        mask = cache[0].make_mask(n, return_array=True)
+        kv = self.feats[inputs][:, None]  # [1, 1, n, 2]: one head, features as keys
+        keys, _ = cache[0].update_and_fetch(kv, kv)
+        visible = mx.ones(keys.shape[2]) if mask is None else mask[-1].astype(mx.float32)
+        n_source, n_target = (visible[:, None] * keys[0, 0]).sum(axis=0)
+        following = mx.where(n_target < self.n_words,
+                             self.openers[n_source.astype(mx.int32)], EOS)
+        hot = mx.arange(self.vocab_size) == following
+        return mx.broadcast_to(hot.astype(mx.float32) * 20.0, (1, n, self.vocab_size))
+
+
+def one_token_words():
+    template = template_for(tok(), system=DEFAULT_SYSTEM)
+    used = set(template.prefix_ids) | set(template.suffix_ids) | set(template.header_ids)
+    out = []
+    for w in ["Je", "Le", "Vous", "de", "den", "in", "is", "le", "on", "un", "f", "l", "n"]:
+        ids = tok().encode(w, add_special_tokens=False) + tok().encode(" " + w,
+                                                                        add_special_tokens=False)
+        if len(ids) == 2 and not set(ids) & used:
+            out.append((w, ids))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_first_token_of_every_word_sees_the_words_read_before_it(layout):
+    pairs = one_token_words()
+    assert len(pairs) >= 8
+    source_ids = {i for _, ids in pairs for i in ids}
+    template = template_for(tok(), system=DEFAULT_SYSTEM)
+    used = set(template.prefix_ids) | set(template.suffix_ids) | set(template.header_ids)
+    openers = [t for t in word_openers() if t not in source_ids | used][:12]
+    for n in (1, 4, 8):
+        source = [w for w, _ in pairs[:n]]
+        for k in (1, 2, 3, n + 1):
+            n_words = max(1, n - k + 2)
+            model = CountingLM(len(tok()), source_ids, openers, n_words)
+            trace = translate(model, tok(), source, k=k, layout=layout)
+            delays = [min(k + i, n) for i in range(n_words)]
+            assert [w.token_ids for w in trace.writes] == [(openers[d],) for d in delays]
+            assert trace.delays == tuple(delays) and trace.finish_reason == "eos"
