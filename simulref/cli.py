@@ -507,7 +507,8 @@ def run_eval(args) -> int:
     except evaluate.DataError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
-        raise UsageError(f"--out {out}: {error.strerror or error}") from None
+        raise UsageError(f"--out {out}: cannot use it as the output directory "
+                         f"({error.strerror or error})") from None
 
     model, tokenizer = load_model(args.model, args.dtype)
     job = evaluate.Evaluation(
