@@ -181,16 +181,15 @@ class Arrivals:
             yield item
 
 
-def _source(args, *, stdin=None) -> tuple[Iterable[str], list[str] | None]:
-    """(word iterable, the words when known up front) from TEXT or stdin (``-``/none)."""
-    text = args.text
+def source_words(text: str | None, stdin=None) -> Iterable[str]:
+    """The source: TEXT's words, or words read from stdin as they arrive (``-``/none)."""
     if text is None or text == "-":
         stream = stdin if stdin is not None else sys.stdin
-        return require_words(words_from_stream(stream), "stdin"), None
+        return require_words(words_from_stream(stream), "stdin")
     words = text.split()
     if not words:
         raise UsageError("TEXT: expected at least one word")
-    return words, words
+    return words
 
 
 # --- models ------------------------------------------------------------------------------
@@ -340,7 +339,7 @@ def run_translate(args) -> int:
     from simulref.trace import Finish, Read, Trace, Write, render_compact
 
     model, tokenizer = load_model(args.model, args.dtype)
-    source, _ = _source(args)
+    source = source_words(args.text)
     out = sys.stdout
     written = [0]
 
@@ -420,7 +419,7 @@ def run_watch(args) -> int:
     if args.save is not None:
         _check_writable(args.save, "--save")
     model, tokenizer = load_model(args.model, args.dtype)
-    source, _ = _source(args)
+    source = source_words(args.text)
     if args.delay:
         source = paced(source, args.delay)
     start = time.monotonic()
