@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from simulref.verify import add_verify_parser
+
 LAYOUTS = ("group", "interleaved", "reencode")
 WATCH_MODES = ("live", "side-by-side", "trace")
 # simulref.gguf.DTYPES, kept here so that --help does not import MLX.
@@ -633,6 +635,9 @@ def run_trace(args) -> int:
     for trace in traces:
         print(f"{trace.target_text}\n  {render_compact(trace)}")
     return 0
+
+
+command(add_verify_parser)
 
 
 # --- entry point -------------------------------------------------------------------------
