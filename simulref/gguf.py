@@ -270,10 +270,20 @@ def dequantize_numpy(raw: np.ndarray, info: TensorInfo) -> np.ndarray:
     return gguf.quants.dequantize(np.asarray(raw), qtype).reshape(info.shape)
 
 
+def quantized_float_dtype():
+    """Float dtype of scales, biases and unquantized weights for ``dtype="quantized"``:
+    float16 on a GPU; float32 on the CPU, where MLX's float16 kernels are ~30x slower
+    (measured, SmolLM2-135M decode: 0.2 vs 6.6 tokens/s). Both hold ggml's float16
+    block scales exactly."""
+    import mlx.core as mx
+
+    return mx.float16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+
+
 def tensor_to_mlx(raw: np.ndarray, info: TensorInfo, dtype: str) -> dict[str, Any]:
     """One GGUF tensor as MLX parameters: ``{"weight": ...}`` in a float dtype, or for
     ``dtype="quantized"`` and a 2-D weight ``{"weight", "scales", "biases", "bits",
-    "group_size"}`` (scales/biases in float16, which holds ggml's block scales exactly)."""
+    "group_size"}`` (floats in :func:`quantized_float_dtype`)."""
     import gguf
     import mlx.core as mx
 
@@ -292,9 +302,10 @@ def tensor_to_mlx(raw: np.ndarray, info: TensorInfo, dtype: str) -> dict[str, An
             weight, scales, biases = mx.quantize(
                 mx.array(dequantize_numpy(raw, info)), group_size=group_size, bits=bits
             )
-        return {"weight": weight, "scales": scales.astype(mx.float16),
-                "biases": biases.astype(mx.float16), "bits": bits, "group_size": group_size}
-    target = mx.float16 if dtype == "quantized" else getattr(mx, dtype)
+        half = quantized_float_dtype()
+        return {"weight": weight, "scales": scales.astype(half), "biases": biases.astype(half),
+                "bits": bits, "group_size": group_size}
+    target = quantized_float_dtype() if dtype == "quantized" else getattr(mx, dtype)
     if affine:
         blocks = affine_blocks(raw, qname)
         levels = mx.array(blocks.q).reshape(*blocks.scales.shape, GROUP_SIZE)

@@ -36,7 +36,7 @@ from simulref.download import (
     cache_dir,
     fetch,
 )
-from simulref.gguf import DTYPES, SUPPORTED_ARCHITECTURES, GGUFError
+from simulref.gguf import DTYPES, SUPPORTED_ARCHITECTURES, GGUFError, quantized_float_dtype
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -145,6 +145,7 @@ def _load_mlx(path_or_repo: str, dtype: str):
     if dtype == "quantized":
         if not is_quantized:
             nn.quantize(model, group_size=MLX_QUANT_GROUP_SIZE, bits=MLX_QUANT_BITS)
+        model.set_dtype(quantized_float_dtype())  # float32 on the CPU: see there why
     else:
         if is_quantized:
             model = dequantize_model(model)
