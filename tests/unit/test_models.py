@@ -190,9 +190,16 @@ def test_preset_end_to_end_from_a_wheelhouse(tmp_path, monkeypatch):
 
 def test_load_gguf_path_and_default_dtype(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", 3)
-    mx.set_default_device(mx.cpu)
-    assert models.default_dtype() == "float32"
-    model, tokenizer = models.load(path)  # Path object
+    before = mx.default_device()
+    try:
+        if mx.metal.is_available() or mx.cuda.is_available():
+            mx.set_default_device(mx.gpu)
+            assert models.default_dtype() == "quantized"
+        mx.set_default_device(mx.cpu)
+        assert models.default_dtype() == "float32"
+        model, tokenizer = models.load(path)  # Path object, dtype=None
+    finally:
+        mx.set_default_device(before)
     dtypes = {v.dtype for _, v in tree_flatten(model.parameters())}
     assert dtypes == {mx.float32}
     np.testing.assert_allclose(logits(model), logits(tiny_model("llama", 3)), atol=1e-4)
