@@ -170,8 +170,10 @@ class Forward:
 
     ``start`` is the cache slot of the chunk's first token (slots past it were trimmed
     before this call); ``tokens`` (an ``mx.array``, possibly still lazy), ``positions``
-    and ``kinds`` describe the chunk; ``logits`` are the last token's logits the decoder
+    and ``kind`` describe the chunk; ``logits`` are the last token's logits the decoder
     samples from (None for source chunks, whose logits are never computed).
+    ``speculative``: the token was fed before the decoder looked at it (pipelining); it
+    may yet be dropped.
     """
 
     start: int
@@ -179,6 +181,7 @@ class Forward:
     positions: tuple[int, ...]
     kind: str
     logits: object | None
+    speculative: bool = False
 
 
 # ---------------------------------------------------------------- the loop
@@ -236,7 +239,7 @@ class _Run:
 
     # -- model calls
 
-    def _forward(self, tokens, kind: str):
+    def _forward(self, tokens, kind: str, speculative: bool = False):
         import mlx.core as mx
 
         n = tokens.shape[0]
@@ -252,7 +255,7 @@ class _Run:
             logits = out[:, -1, :]
         if self.on_forward is not None:
             self.on_forward(Forward(start, tokens, self.shared.positions(), kind,
-                                    None if logits is None else logits[0]))
+                                    None if logits is None else logits[0], speculative))
         return logits
 
     def _sample(self, logits):
@@ -270,13 +273,13 @@ class _Run:
             return  # rebuilt from scratch before the next target token
         self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
 
-    def _feed_targets(self, ids):
+    def _feed_targets(self, ids, speculative: bool = False):
         """Feed target tokens (list of ints, or a lazy 1-element array); returns the lazy
         next token."""
         import mlx.core as mx
 
         tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
-        return self._sample(self._forward(tokens, TARGET))
+        return self._sample(self._forward(tokens, TARGET, speculative))
 
     def _rebuild(self):
         """Reencode: the whole cache again, source then target, contiguous positions."""
@@ -349,7 +352,7 @@ class _Run:
         self.fed.append(token)
         y = self.next_y if self.pending_fed else self._feed_targets([token])
         if self._speculate():
-            self.next_y = self._feed_targets(y)
+            self.next_y = self._feed_targets(y, speculative=True)
             mx.async_eval(self.next_y)
             self.pending_fed = True
         else:
