@@ -141,6 +141,7 @@ class _Source:
             raise TypeError(f"source: expected a str, a sequence of words or an iterable of "
                             f"words, got {type(source).__name__}")
         self.length = len(source) if isinstance(source, Sequence) else None
+        self.known = source if self.length is not None else None
         self._it = iter(source)
         self._ahead: list = []  # at most one word read from the iterator but not yet given
         self._exhausted = False
@@ -207,12 +208,13 @@ def _is_greedy(sampler) -> bool:
 class _Run:
     """One translation's state. ``events()`` is the generator behind :func:`stream`."""
 
-    def __init__(self, model, template, source: _Source, policy, table: TokenTable, eos,
-                 layout, target_start, sampler, max_tokens_per_word, max_new_words,
+    def __init__(self, model, template, source: _Source, word_ids, policy, table: TokenTable,
+                 eos, layout, target_start, sampler, max_tokens_per_word, max_new_words,
                  stop_at_first_eos, on_forward):
         self.model = model
         self.template = template
         self.source = source
+        self.word_ids = word_ids  # ids of the words of a source known up front
         self.policy = policy
         self.table = table
         self.eos = eos
@@ -303,7 +305,7 @@ class _Run:
             self.source_done = True
             return None
         word, is_last = got
-        ids = tuple(self.template.word_ids(self.read, word))
+        ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
         if is_last:
             ids += tuple(self.template.suffix_ids)
         if self.fed and not self.stale:
@@ -380,9 +382,12 @@ class _Run:
             if limit is not None and self.written >= limit:
                 yield Finish("max_new_words", time.monotonic())
                 return
+            # Nothing is written before the first word is read: there is nothing to
+            # translate yet (and an EOS could not be attributed to a word).
             if not self.source_done and (
-                    force_read or self.policy.decide(self.read, self.written, False,
-                                                     self.source.length) is READ):
+                    force_read or self.read == 0
+                    or self.policy.decide(self.read, self.written, False,
+                                          self.source.length) is READ):
                 event = self._read()
                 force_read = False
                 if event is not None:
@@ -452,7 +457,12 @@ def _make_run(model, tokenizer, source, *, k, system, layout, target_start,
         raise ValueError(f"target_start: an explicit start applies to the 'group' layout only, "
                          f"got target_start={target_start!r} with layout={layout!r}")
     template = template_for(tokenizer, system=system, chat_format=chat_format)
-    return _Run(model, template, _Source(source), policy, token_table(tokenizer),
+    words = _Source(source)
+    # A known source is checked (and tokenized) up front, so that a bad word raises here
+    # rather than halfway through the stream.
+    word_ids = ({} if words.length is None else
+                {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
+    return _Run(model, template, words, word_ids, policy, token_table(tokenizer),
                 frozenset(tokenizer.eos_token_ids), layout, target_start, sampler,
                 max_tokens_per_word, max_new_words, stop_at_first_eos, on_forward)
 

@@ -609,7 +609,13 @@ def test_bad_arguments_raise_when_stream_is_called(kwargs, error, match):
                                            (["hello world"], ValueError), ([""], ValueError)])
 def test_bad_sources(source, error):
     with pytest.raises(error, match="source"):
-        translate(model_of("llama"), tok(), source)
+        stream(model_of("llama"), tok(), source)
+
+
+def test_a_bad_word_in_a_stream_raises_when_it_is_read():
+    events = stream(model_of("llama"), tok(), iter(["Hello", "two words"]), k=1)
+    with pytest.raises(ValueError, match=r"source\[1\]"):
+        list(events)
 
 
 def test_trace_settings():
@@ -705,3 +711,19 @@ def test_a_speculatively_fed_eos_is_trimmed_with_the_token_below_it():
                 and r.tokens.item() == EOS]
     assert spec_eos  # the EOS was fed speculatively
     check_slots(records, trace, tok())
+
+
+class WriteFirst:
+    """A policy that would write before reading anything."""
+
+    name = "write-first"
+
+    def decide(self, read, written, source_done, source_length=None):
+        return WaitK(1).decide(read + 1, written, source_done)  # word i after i reads
+
+
+def test_nothing_is_written_before_the_first_read():
+    trace = translate(scripted_model(scripted_words(3)), tok(), SENTENCE[:3],
+                      policy=WriteFirst())
+    assert trace.delays == (1, 1, 2)
+    assert trace.settings.k is None and trace.settings.option("policy") == "write-first"
