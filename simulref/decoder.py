@@ -101,10 +101,12 @@ def _build_token_table(tokenizer) -> TokenTable:
         pieces = [_spm_bytes(t) for t in tokens]
     else:  # unknown scheme: decode one token at a time (may lose leading spaces)
         pieces = [tokenizer.decode([i]).encode("utf-8") for i in ids]
+    # Whitespace as str.split() sees it, the rule the source side splits words by.
+    texts = [p.decode("utf-8", errors="replace") for p in pieces]
     return TokenTable(
         pieces=tuple(pieces),
-        starts=tuple(p[:1].isspace() for p in pieces),
-        content=tuple(bool(p.strip()) for p in pieces),
+        starts=tuple(t[:1].isspace() for t in texts),
+        content=tuple(bool(t.strip()) for t in texts),
     )
 
 

@@ -464,7 +464,7 @@ def test_scripted_policy_and_writes_text():
     assert trace.delays == (2, 2, 4, 5, 5, 5)
     for w in trace.writes:
         assert w.text == tok().decode(list(w.token_ids))
-        assert w.word and w.text[0].isspace() == (w.target_index > 0 or w.text[0].isspace())
+        assert w.word and w.text[0].isspace()  # every scripted word opens with a space
 
 
 def test_early_eos_is_dropped_and_reading_goes_on():
@@ -727,3 +727,43 @@ def test_nothing_is_written_before_the_first_read():
                       policy=WriteFirst())
     assert trace.delays == (1, 1, 2)
     assert trace.settings.k is None and trace.settings.option("policy") == "write-first"
+
+
+# ---------------------------------------------------------------- word boundaries
+
+
+def test_byte_level_token_table_agrees_with_decode():
+    table = token_table(tok())
+    for i in range(len(tok())):
+        text = tok().decode([i])
+        if "\ufffd" not in text:  # pieces of a multi-byte character decode alone to U+FFFD
+            assert table.text([i]) == text
+            assert table.opens_word(i) == text[:1].isspace()
+            assert table.has_content(i) == bool(text.strip())
+
+
+def spm_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", *bytes_],
+                                  show_progress=False)
+    bpe.train_from_iterator(["hello world, the weather is nice", "bonjour le monde"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+
+
+def test_sentencepiece_token_table_keeps_leading_spaces_and_bytes():
+    spm = spm_tokenizer()
+    table = token_table(spm)
+    ids = spm.encode("hello world\nok é", add_special_tokens=False)
+    # The SentencePiece decoder strips the first space; the table keeps it (a word's text).
+    assert table.text(ids) == " hello world\nok é"
+    words = "".join("|" + spm.convert_ids_to_tokens(i) if table.opens_word(i)
+                    else spm.convert_ids_to_tokens(i) for i in ids)
+    assert words.split("|")[1:] == ["\u2581hello", "\u2581world", "<0x0A>o<0x6B>",
+                                    "\u2581<0xC3><0xA9>"]
