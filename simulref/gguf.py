@@ -242,20 +242,27 @@ def affine_blocks(raw: np.ndarray, qtype_name: str) -> AffineBlocks:
     return AffineBlocks(q.reshape(rows, -1), d, bias.astype(np.float32), bits)
 
 
-def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+def pack_bits(q: np.ndarray, bits: int, *, chunk_values: int = 1 << 22) -> np.ndarray:
     """Pack levels (uint8, shape (rows, cols), cols a multiple of 32) the way MLX does:
-    one little-endian bit stream per row, ``bits`` bits per value, as uint32 words."""
+    one little-endian bit stream per row, ``bits`` bits per value, as uint32 words.
+    Rows are packed about ``chunk_values`` values at a time."""
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"bits: expected one of 2, 3, 4, 5, 6, 8, got {bits!r}")
     q = np.ascontiguousarray(q, dtype=np.uint8)
     rows = q.shape[0]
     if bits == 8:
         return q.view("<u4").reshape(rows, -1)
-    # 8 values of `bits` bits fill exactly `bits` bytes
-    eights = q.reshape(rows, -1, 8).astype(np.uint64)
-    stream = np.bitwise_or.reduce(eights << (np.arange(8, dtype=np.uint64) * bits), axis=-1)
-    packed = stream.astype("<u8").view(np.uint8).reshape(rows, -1, 8)[..., :bits]
-    return np.ascontiguousarray(packed).reshape(rows, -1).view("<u4")
+    # 8 values of `bits` bits fill exactly `bits` bytes; a few rows at a time, since the
+    # uint64 temporaries are 8x the levels (1 GB for Qwen's embedding at once)
+    shifts = np.arange(8, dtype=np.uint64) * bits
+    packed = np.empty((rows, q.shape[1] * bits // 8), dtype=np.uint8)
+    step = max(1, chunk_values // max(1, q.shape[1]))
+    for start in range(0, rows, step):
+        eights = q[start : start + step].reshape(-1, q.shape[1] // 8, 8).astype(np.uint64)
+        stream = np.bitwise_or.reduce(eights << shifts, axis=-1).astype("<u8")
+        chunk = stream.view(np.uint8).reshape(*stream.shape, 8)[..., :bits]
+        packed[start : start + step] = chunk.reshape(chunk.shape[0], -1)
+    return packed.view("<u4")
 
 
 def dequantize_numpy(raw: np.ndarray, info: TensorInfo) -> np.ndarray:
@@ -548,6 +555,7 @@ def load_gguf(path: str | Path, dtype: str = "float32"):
             f"{prefix}.{key}": value for key, value in params.items()
         }
         mx.eval(list(params.values()))  # materialize now: peak memory is one tensor's temps
+        mx.clear_cache()  # and hand those temps back instead of keeping them in MLX's cache
         weights.update(params)
 
     if quantized:

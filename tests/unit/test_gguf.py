@@ -123,18 +123,20 @@ def test_affine_blocks_equal_gguf_dequantize(qtype_name, rows, blocks_per_row, s
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
-    rows=st.integers(1, 3),
+    rows=st.integers(1, 5),
     groups=st.integers(1, 4),
+    chunk_values=st.sampled_from([1, 64, 1 << 22]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_pack_bits_is_mlx_layout(bits, rows, groups, seed):
+def test_pack_bits_is_mlx_layout(bits, rows, groups, chunk_values, seed):
     q = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, 32 * groups),
                                              dtype=np.uint8)
     ones = mx.ones((rows, groups), dtype=mx.float32)
-    unpacked = mx.dequantize(mx.array(sg.pack_bits(q, bits)), ones, mx.zeros_like(ones),
+    packed = sg.pack_bits(q, bits, chunk_values=chunk_values)
+    unpacked = mx.dequantize(mx.array(packed), ones, mx.zeros_like(ones),
                              group_size=32, bits=bits)
     np.testing.assert_array_equal(np.array(unpacked), q.astype(np.float32))
 
