@@ -359,3 +359,19 @@ def test_permutation_pairs_rotary_halves():
     permuted = permute_for_interleaved_rope(rows, heads)[:, 0]
     assert permuted[:head_dim].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     assert permuted[head_dim:].tolist() == [8, 12, 9, 13, 10, 14, 11, 15]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"llama.rope.scaling.type": "yarn"}, "RoPE scaling 'yarn'"),
+        ({"llama.rope.dimension_count": 8}, "partial rotary"),
+        ({"llama.attention.head_count_kv": [2, 2]}, "per-layer head counts"),
+        ({"llama.block_count": None}, "lacks llama.block_count"),
+    ],
+)
+def test_model_config_refuses_what_it_cannot_map(tiny_files, change, message):
+    file = sg.read_gguf(tiny_files[("llama", "F32")])
+    metadata = {**file.metadata, **change}
+    with pytest.raises(sg.GGUFError, match=message):
+        sg.model_config(metadata, file.tensors)
