@@ -520,7 +520,10 @@ def translate(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYS
                     chat_format=chat_format, on_forward=on_forward)
     name = _model_name(model, model_id)
     events = tuple(run.events())
-    words = tuple(e.word for e in events if isinstance(e, Read))
+    # |X| for the metrics is the whole source when it is known up front, also when the
+    # model stopped before reading all of it; for a stream, the words that arrived.
+    words = (tuple(run.source.known) if run.source.known is not None
+             else tuple(e.word for e in events if isinstance(e, Read)))
     policy = run.policy
     settings = Settings(
         model=name, k=policy.k if isinstance(policy, WaitK) else None, layout=layout,

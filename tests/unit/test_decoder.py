@@ -483,6 +483,8 @@ def test_stop_at_first_eos_stops_early():
     words = scripted_words(3)
     trace = translate(scripted_model(words), tok(), SENTENCE[:7], k=1, stop_at_first_eos=True)
     assert trace.delays == (1, 2, 3) and trace.finish_reason == "early_eos"
+    # |X| stays the whole known source, not just the words read before stopping.
+    assert trace.source_words == tuple(SENTENCE[:7])
     assert not any(isinstance(e, DroppedEos) for e in trace.events)
 
 
