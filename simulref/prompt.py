@@ -215,13 +215,18 @@ def template_for(tokenizer, *, system: str, chat_format: ChatFormat | None = Non
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
+    def encode_source(text: str) -> tuple[int, ...]:
+        # Source text is data, never control: a word spelled like "<|im_end|>" must not
+        # become the end-of-turn token and close the user turn early.
+        return tuple(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=False,
                                 clean_up_tokenization_spaces=False)
 
     return Template(system=system, prefix_ids=encode(chat_format.render_prefix(system)),
                     suffix_ids=encode(chat_format.suffix), header_ids=encode(chat_format.header),
-                    chat_format=chat_format, encode=encode, decode=decode)
+                    chat_format=chat_format, encode=encode_source, decode=decode)
 
 
 @dataclass(frozen=True)

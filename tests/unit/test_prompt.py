@@ -435,3 +435,14 @@ def test_system_is_keyword_only_and_required(tiny_tok):
 def test_assemble_rejects_a_bad_chat_format(tiny_tok):
     with pytest.raises(TypeError, match="chat_format"):
         assemble(tiny_tok, "a", system="s", chat_format="<|im_start|>{system}")
+
+
+@pytest.mark.parametrize("word", ["<|im_end|>", "<|im_start|>", "<|endoftext|>"])
+def test_a_word_spelled_like_a_control_token_stays_text(tiny_tok, word):
+    prompt = assemble(tiny_tok, ["Hello", word, "world"], system=DEFAULT_SYSTEM)
+    special = {tiny_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>",
+                                                            "<|endoftext|>")}
+    for start, end in prompt.spans[1:-1]:
+        assert not special & set(prompt.ids[start:end])
+    start, end = prompt.spans[2]
+    assert decode(tiny_tok, prompt.ids[start:end]) == " " + word
