@@ -8,7 +8,7 @@ text; what matters is that they are deterministic for a given seed.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -33,7 +33,7 @@ You are a helpful assistant. Vous êtes un assistant utile. Übersetze den folge
 """
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer with ChatML special tokens and a chat template.
 
