@@ -127,6 +127,109 @@ def token_table(tokenizer) -> TokenTable:
 # ---------------------------------------------------------------- source
 
 
+class _NeedInput:
+    """The type of :data:`NEED_INPUT` (one instance)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_INPUT"
+
+    def __reduce__(self):
+        return "NEED_INPUT"
+
+
+# Yielded by stream() over a Feed when the policy wants a word that has not been pushed.
+NEED_INPUT = _NeedInput()
+
+
+def _check_feed_word(word) -> str:
+    if not isinstance(word, str):
+        raise TypeError(f"word: expected a str, got {word!r}")
+    if word.split() != [word]:
+        raise ValueError(f"word: expected one non-empty word without whitespace, got {word!r}")
+    return word
+
+
+class Feed:
+    """A source pushed word by word from the caller's own loop, without threads.
+
+    ``stream(model, tokenizer, feed)`` takes each pushed word when its policy reads, with
+    the ``last`` flag it was pushed with (no look-ahead: the end-of-turn suffix goes with
+    the word pushed ``last=True``). When the policy wants a word that has not been pushed
+    yet, the stream yields :data:`NEED_INPUT` instead of blocking: push more, then call
+    ``next()`` again (calling it without pushing just yields ``NEED_INPUT`` again).
+
+    ``end()`` says no more words will come. Words still waiting in the feed are enough to
+    close the source properly (the last of them becomes the last word), and so is a feed
+    that never had a word (an empty source). But once the decoder has read every pushed
+    word, the last of them went in without the suffix and ``end()`` raises: push the final
+    word with ``last=True``.
+    """
+
+    def __init__(self):
+        self._words: list[str] = []  # every word pushed, in order
+        self._taken = 0  # how many of them the decoder has read
+        self._last_at: int | None = None  # index of the last word, once known
+        self._ended = False
+        self._bound = False  # a feed drives one stream only
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """Every word pushed so far."""
+        return tuple(self._words)
+
+    @property
+    def complete(self) -> bool:
+        """No more words will come (a word was pushed ``last=True``, or ``end()``)."""
+        return self._ended
+
+    @property
+    def waiting(self) -> int:
+        """Words pushed but not yet read by the decoder."""
+        return len(self._words) - self._taken
+
+    def push(self, word: str, last: bool = False) -> None:
+        """Add the next source word; ``last=True`` if no word follows it."""
+        if not isinstance(last, bool):
+            raise TypeError(f"last: expected a bool, got {last!r}")
+        if self._ended:
+            raise ValueError(f"Feed.push({word!r}): the source already ended "
+                             f"({len(self._words)} words); no word can follow")
+        self._words.append(_check_feed_word(word))
+        if last:
+            self._last_at, self._ended = len(self._words) - 1, True
+
+    def end(self) -> None:
+        """No more words. See the class docstring for when this is allowed."""
+        if self._ended:
+            return
+        if self._words and self.waiting == 0:
+            raise ValueError(
+                f"Feed.end(): the decoder already read the final word "
+                f"{self._words[-1]!r} without the end-of-turn suffix; push the final "
+                f"word with last=True")
+        self._last_at = len(self._words) - 1 if self._words else None
+        self._ended = True
+
+    def _take(self):
+        """``(word, is_last)``, None when the source is over, or NEED_INPUT."""
+        if self._taken < len(self._words):
+            index = self._taken
+            self._taken += 1
+            return self._words[index], index == self._last_at
+        return None if self._ended else NEED_INPUT
+
+    def __repr__(self) -> str:
+        state = "complete" if self._ended else "open"
+        return f"Feed({len(self._words)} words, {self._taken} read, {state})"
+
+
 class _Source:
     """Source words one at a time, each with whether it is the last.
 
@@ -137,6 +240,14 @@ class _Source:
     """
 
     def __init__(self, source):
+        self.feed = None
+        if isinstance(source, Feed):
+            if source._bound:
+                raise ValueError("source: this Feed already drives another stream")
+            source._bound = True
+            self.feed, self.length = source, None
+            self.known = source._words  # the words pushed so far (grows)
+            return
         if isinstance(source, str):
             source = source.split()
         elif isinstance(source, bytes) or not isinstance(source, Iterable):
@@ -157,7 +268,10 @@ class _Source:
         return bool(self._ahead)
 
     def next(self):
-        """``(word, is_last)``, or None when the source is exhausted."""
+        """``(word, is_last)``, None when the source is exhausted, or NEED_INPUT (a Feed
+        with no word waiting)."""
+        if self.feed is not None:
+            return self.feed._take()
         if not self._pull():
             return None
         word = self._ahead.pop()
@@ -301,8 +415,11 @@ class _Run:
     # -- steps of the loop
 
     def _read(self):
-        """Read one word; None when the source turns out to be exhausted."""
+        """Read one word; None when the source turns out to be exhausted, NEED_INPUT when
+        a Feed has no word yet (nothing changes then)."""
         got = self.source.next()
+        if got is NEED_INPUT:
+            return got
         if got is None:
             self.source_done = True
             return None
@@ -391,6 +508,9 @@ class _Run:
                     or self.policy.decide(self.read, self.written, False,
                                           self.source.length) is READ):
                 event = self._read()
+                if event is NEED_INPUT:
+                    yield event  # the caller pushes a word; force_read still holds
+                    continue
                 force_read = False
                 if event is not None:
                     yield event
@@ -477,9 +597,10 @@ def stream(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM
     """Translate ``source`` simultaneously, yielding Read / Write / DroppedEos / Finish
     events as they happen.
 
-    ``source``: a str (split on whitespace), a sequence of words, or any iterable of
-    words (it may block while the speaker is silent; the source is complete only when it
-    is exhausted). ``policy`` defaults to ``WaitK(k)``. ``layout``: ``"group"``,
+    ``source``: a str (split on whitespace), a sequence of words, any iterable of words
+    (it may block while the speaker is silent; the source is complete only when it is
+    exhausted), or a :class:`Feed`, over which the stream yields :data:`NEED_INPUT` when
+    it wants a word not yet pushed. ``policy`` defaults to ``WaitK(k)``. ``layout``: ``"group"``,
     ``"interleaved"`` or ``"reencode"`` (see :mod:`simulref.cache`). ``sampler``: an
     ``mlx_lm.sample_utils.make_sampler`` sampler; greedy when None. ``max_new_words``:
     None stops a runaway model at ``2 * N + 10`` words. ``on_forward``: debugging hook
@@ -512,7 +633,12 @@ def translate(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYS
     """Run :func:`stream` to the end and return the :class:`~simulref.trace.Trace`.
 
     ``model_id`` names the model in the trace's settings (default: its ``model_type``).
+    A :class:`Feed` must be complete (its last word pushed, or ``end()`` called).
     """
+    if isinstance(source, Feed) and not source.complete:
+        raise ValueError("source: translate() needs a complete Feed (push the final word "
+                         "with last=True or call end()); use stream() to feed words as "
+                         "they come")
     run = _make_run(model, tokenizer, source, k=k, system=system, layout=layout,
                     target_start=target_start, max_tokens_per_word=max_tokens_per_word,
                     max_new_words=max_new_words, sampler=sampler,
