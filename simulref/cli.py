@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from simulref import blas
 from simulref.verify import add_verify_parser
 
 LAYOUTS = ("group", "interleaved", "reencode")
@@ -670,6 +671,8 @@ def _finish_defaults(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # run as the command: restart with OpenBLAS preloaded (see simulref.blas)
+        blas.reexec_with_openblas()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
