@@ -16,6 +16,8 @@ _EXPORTS = {
     "stream": "simulref.decoder",
     "translate": "simulref.decoder",
     "LAYOUTS": "simulref.decoder",
+    "Feed": "simulref.decoder",
+    "NEED_INPUT": "simulref.decoder",
     "WaitK": "simulref.policy",
     "ReadAll": "simulref.policy",
     "ChatFormat": "simulref.prompt",
