@@ -354,6 +354,7 @@ class _Run:
         self.pending: int | None = None  # sampled, not yet placed in a word
         self.pending_fed = False  # ... and already fed speculatively
         self.next_y = None  # the token sampled after feeding `pending`, when pending_fed
+        self.unfed_source: list[int] = []  # read from a known source, not yet fed
 
     # -- model calls
 
@@ -389,13 +390,27 @@ class _Run:
         self.source_ids.extend(ids)
         if self.reencode and self.fed:
             return  # rebuilt from scratch before the next target token
+        if self.source.length is not None:
+            # Known source: its forward would stay lazy until the next target token anyway,
+            # so words read in a row go in one chunk (same cache, one pass over the weights
+            # instead of one per word: prefill of the first read / offline ~2-3x faster).
+            self.unfed_source.extend(ids)
+            return
         self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
+
+    def _flush_source(self) -> None:
+        import mlx.core as mx
+
+        if self.unfed_source:
+            ids, self.unfed_source = self.unfed_source, []
+            self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
 
     def _feed_targets(self, ids, speculative: bool = False):
         """Feed target tokens (list of ints, or a lazy 1-element array); returns the lazy
         next token."""
         import mlx.core as mx
 
+        self._flush_source()
         tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
         return self._sample(self._forward(tokens, TARGET, speculative))
 
