@@ -51,11 +51,19 @@ def golden(session: nox.Session) -> None:
     session.run("pytest", "tests/golden", *session.posargs)
 
 
+def _openblas_env() -> dict[str, str]:
+    """MLX's Linux CPU wheel with OpenBLAS preloaded when installed (simulref/blas.py);
+    SIMULREF_OPENBLAS=0 turns it off."""
+    return {"SIMULREF_OPENBLAS": os.environ.get("SIMULREF_OPENBLAS", "auto")}
+
+
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks (ratios against baselines measured in the same run)."""
+    """Benchmarks (ratios against baselines measured in the same run); writes
+    bench/results.json and bench/results.md (see docs/performance.md)."""
     _install(session)
-    session.run("pytest", "tests/bench", *session.posargs)
+    session.run("python", "-m", "simulref.blas", "pytest", "tests/bench", "--bench-out", "bench",
+                *session.posargs, env=_openblas_env())
 
 
 @nox.session(python=PYTHON)
@@ -69,4 +77,4 @@ def demo(session: nox.Session) -> None:
     """Stream a translation of an example sentence with the default model."""
     _install(session, extras="test")
     args = session.posargs or [DEMO_SENTENCE, "-k", "3", "--trace"]
-    session.run("simulref", "translate", *args)
+    session.run("simulref", "translate", *args, env=_openblas_env())

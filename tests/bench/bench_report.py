@@ -1,0 +1,147 @@
+"""The markdown of a benchmark session (``bench/results.md``) from its JSON document."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A number for a table: fixed digits, '-' for a missing value."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |"
+              for row in rows]
+    return lines
+
+
+def spread(s: dict, digits: int = 2) -> str:
+    """``median (p5-p95, n)`` of a :func:`benchlib.summary`."""
+    if not s or not s.get("n"):
+        return "-"
+    return (f"{fmt(s['median'], digits)} ({fmt(s['p5'], digits)}-{fmt(s['p95'], digits)}, "
+            f"n={s['n']})")
+
+
+def _machine(doc: dict) -> list[str]:
+    m = doc["machine"]
+    ob = m.get("openblas") or {}
+    blas = ("OpenBLAS preloaded (" + (ob.get("preloaded") or "?") + ", "
+            + (f"OPENBLAS_NUM_THREADS={ob['threads']}" if ob.get("threads")
+               else "default threads") + ")") if ob.get("active") else "wheel's BLAS"
+    load = " -> ".join(fmt(x) if x is not None else "-" for x in (
+        (m.get("load_average_start") or [None])[0], (m.get("load_average_end") or [None])[0]))
+    return [
+        f"- machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}",
+        f"- MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, device {m['device']}, {blas}",
+        f"- load average (1 min) at start -> end: {load}",
+        f"- command: `{doc['command']}`, runtime {fmt(doc['runtime_s'], 0)} s, {doc['created']}",
+    ]
+
+
+def _by(doc: dict, section: str) -> list[dict]:
+    return [r for r in doc["results"] if r["section"] == section]
+
+
+def _decode(results: list[dict]) -> list[str]:
+    if not results:
+        return []
+    out = ["", "## Decoding: simulref / mlx-lm, same prompt, lockstep blocks", "",
+           "Ratio = our tokens/s over `mlx_lm.stream_generate`'s in adjacent blocks: median "
+           "(p5-p95, n blocks) and pooled (all tokens / all time). Offline: k >= N, the "
+           "same tokens as mlx-lm. Wait-k: k = 3, reads and re-feeds included.", ""]
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        rows.append([r["model"], r.get("weights", r.get("dtype", "-")),
+                     f"{m['sentences']} ({m['same_tokens']} same)",
+                     spread(m["decode_ratio"]), fmt(m["decode_ratio_pooled"]),
+                     f"{fmt(m['decode_tps'], 1)} / {fmt(m['decode_tps_mlx_lm'], 1)}",
+                     spread(m["waitk_ratio"]), fmt(m["waitk_ratio_pooled"]),
+                     fmt(m["extra_target_forwards_per_word"]),
+                     fmt(m["source_forwards_per_word"])])
+    out += table(["model", "weights", "sentences", "offline ratio", "pooled",
+                  "tok/s ours / mlx-lm", "wait-k ratio", "pooled",
+                  "extra target fwd / word", "source fwd / word"], rows)
+    out += ["", "## Read-to-write latency (wait-k, k = 3)", "",
+            "From a word's Read event to the first token of the next target word, in "
+            "mlx-lm decode steps (its mean per-token time on the same sentence, measured "
+            "alongside) and in seconds: median (p5-p95, n reads).", ""]
+    out += table(["model", "steps", "seconds", "mlx-lm step (s)"], [
+        [r["model"], spread(r["metrics"]["latency_steps"]), spread(r["metrics"]["latency_s"], 3),
+         fmt(1 / r["metrics"]["decode_tps_mlx_lm"], 3)
+         if r["metrics"]["decode_tps_mlx_lm"] else "-"] for r in results])
+    out += ["", "## Prefill", "",
+            "First read: system prompt + k words + assistant header, fed as the decoder "
+            "does (one forward per segment) against mlx-lm's `prompt_tps` on the same "
+            "tokens. Full prompt: the whole source read first (offline). Ratios per "
+            "sentence: median (p5-p95, n).", ""]
+    out += table(["model", "first read tok/s ours / mlx-lm", "first read ratio",
+                  "full prompt ratio"], [
+        [r["model"], f"{fmt(r['metrics']['first_read_tps']['median'], 1)} / "
+                     f"{fmt(r['metrics']['first_read_tps_mlx_lm']['median'], 1)}",
+         spread(r["metrics"]["first_read_prefill_ratio"]),
+         spread(r["metrics"]["full_prompt_prefill_ratio"])] for r in results])
+    return out
+
+
+def _scaling(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        m = r["metrics"]
+        runs = {(x["layout"], x["words"]): x for x in m["runs"]}
+        lengths = sorted({x["words"] for x in m["runs"]})
+        out += ["", f"## Scaling with source length ({r['model']}, k = {m['settings']['k']}, "
+                    "every word read)", ""]
+        rows = []
+        for n in lengths:
+            g, e = runs.get(("group", n)), runs.get(("reencode", n))
+            rows.append([n, fmt(g and g["seconds"], 1), fmt(e and e["seconds"], 1),
+                         fmt(e["seconds"] / g["seconds"]) if g and e else "-",
+                         fmt(g and g["tokens_fed"]), fmt(e and e["tokens_fed"])])
+        out += table(["words", "group s", "reencode s", "reencode / group",
+                      "tokens fed (group)", "tokens fed (reencode)"], rows)
+        out += [""] + [
+            f"- {layout}: time ~ N^{fmt(m[layout]['time_exponent'])} "
+            f"(between the two longest: N^{fmt(m[layout]['time_exponent_last'])}), "
+            f"tokens fed ~ N^{fmt(m[layout]['tokens_fed_exponent'])}"
+            for layout in ("group", "reencode") if layout in m]
+    return out
+
+
+def _blas(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        m = r["metrics"]
+        out += ["", "## BLAS on the CPU (float32 SmolLM2-135M, fresh process per run)", ""]
+        if not m.get("applicable"):
+            out.append(f"Not applicable here: {m['reason']}")
+            continue
+        rows = [[v, len(d["runs"]), fmt(d["load_s"], 1), fmt(d["prefill_tps"], 1),
+                 fmt(d["decode_tps"], 2),
+                 fmt(m["speedup"].get(v, {}).get("prefill")) if v != "reference" else "1",
+                 fmt(m["speedup"].get(v, {}).get("decode")) if v != "reference" else "1"]
+                for v, d in sorted(m["variants"].items())]
+        out += [f"Prompt of {m['prompt_tokens']} tokens; OpenBLAS: `{m['library']}`; "
+                "medians over runs.", ""]
+        out += table(["variant", "runs", "load s", "prefill tok/s", "decode tok/s",
+                      "prefill x", "decode x"], rows)
+    return out
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# simulref benchmarks", "", *_machine(doc)]
+    lines += _decode(_by(doc, "decode"))
+    lines += _scaling(_by(doc, "scaling"))
+    lines += _blas(_by(doc, "blas"))
+    return "\n".join(lines) + "\n"
