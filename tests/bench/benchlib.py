@@ -276,7 +276,7 @@ def lockstep(sides: Sequence[Side], block: int, until: Callable[[], bool]) -> in
 class SentenceSettings:
     k: int = 3
     block: int = 8
-    extra_words: int = 2  # max_new_words = N + extra_words (bounds a rambling model)
+    extra_words: int = 1  # max_new_words = N + extra_words (bounds a rambling model)
     max_tokens_per_word: int = 16
     system: str | None = None
 
@@ -415,24 +415,36 @@ def aggregate_sentences(rows: Sequence[dict]) -> dict:
 # ---------------------------------------------------------------- scaling with length
 
 
-def measure_length(model, tokenizer, words: Sequence[str], layout: str, k: int,
-                   max_tokens_per_word: int) -> dict:
-    """One wait-k run over ``words`` with enough target words for every source word to be
-    read (``N - k + 1``): its time, model calls and tokens fed."""
-    from simulref.decoder import translate
+class ReadProgress(DecoderSide):
+    """A decoder run whose progress is the number of source words read."""
 
-    clock = ForwardClock()
+    def step(self) -> None:
+        from simulref.trace import Read
+
+        super().step()
+        self.known = sum(1 for e in self.events if isinstance(e, Read))
+
+
+def measure_lengths(model, tokenizer, words: Sequence[str], layouts: Sequence[str], k: int,
+                    max_tokens_per_word: int, reads_per_block: int = 4) -> list[dict]:
+    """Wait-k runs over ``words``, one per layout, in lockstep by source words read (so
+    drift hits every layout alike), each with enough target words for every source word to
+    be read (``N - k + 1``): time, model calls and tokens fed per layout."""
+    from simulref.decoder import stream
+
     n = len(words)
+    clocks = {layout: ForwardClock() for layout in layouts}
+    sides = [ReadProgress(layout, stream(model, tokenizer, list(words), k=k, layout=layout,
+                                         max_new_words=max(1, n - k + 1),
+                                         max_tokens_per_word=max_tokens_per_word,
+                                         on_forward=clocks[layout]), clocks[layout])
+             for layout in layouts]
     synchronize()
-    t0 = time.perf_counter()
-    trace = translate(model, tokenizer, list(words), k=k, layout=layout,
-                      max_new_words=max(1, n - k + 1), max_tokens_per_word=max_tokens_per_word,
-                      on_forward=clock)
-    synchronize()
-    seconds = time.perf_counter() - t0
-    return {"words": n, "layout": layout, "seconds": seconds, "forwards": len(clock.records),
-            "tokens_fed": clock.tokens(), "target_words": len(trace.target_words),
-            "finish": trace.finish_reason}
+    lockstep(sides, reads_per_block, until=lambda: all(s.done for s in sides))
+    return [{"words": n, "layout": side.name, "seconds": sum(b.seconds for b in side.blocks),
+             "forwards": len(side.clock.records), "tokens_fed": side.clock.tokens(),
+             "target_words": side.n_words(), "finish": side.finish_reason()}
+            for side in sides]
 
 
 def scaling_summary(rows: Sequence[dict]) -> dict:

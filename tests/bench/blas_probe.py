@@ -13,7 +13,7 @@ PRESET = "smollm2-135m"
 # The golden suite's "long" sentence: a prompt of ~50 tokens.
 SENTENCE = ("When the committee finally met on Tuesday afternoon, nobody could remember who "
             "had booked the room, so they argued for an hour before anyone opened the agenda.")
-DECODE_TOKENS = 24
+DECODE_TOKENS = 16
 
 
 def main() -> int:

@@ -1,11 +1,11 @@
 """Total time against source length: the group layout (one cache, each word fed once)
 grows about linearly; reencode (the whole cache rebuilt at every read, the slow and
-obviously-correct baseline) about quadratically. Runs of different lengths alternate
-their layout order so that drift hits both."""
+obviously-correct baseline) about quadratically. The two layouts run in lockstep, a few
+source words at a time, so that drift hits both alike."""
 
 from __future__ import annotations
 
-from benchlib import measure_length, scaling_summary
+from benchlib import measure_lengths, scaling_summary
 
 from simulref.evaluate import dataset_path, read_pairs
 
@@ -29,9 +29,9 @@ def test_scaling_group_vs_reencode(loaded, lengths, record, benchmark):
     def run():
         rows = []
         for i, n in enumerate(sorted(lengths)):
-            for layout in (("group", "reencode") if i % 2 == 0 else ("reencode", "group")):
-                rows.append(measure_length(model, tokenizer, source_words(n), layout, K,
-                                           MAX_TOKENS_PER_WORD))
+            layouts = ("group", "reencode") if i % 2 == 0 else ("reencode", "group")
+            rows += measure_lengths(model, tokenizer, source_words(n), layouts, K,
+                                    MAX_TOKENS_PER_WORD)
         return rows
 
     rows = benchmark.pedantic(run, rounds=1, iterations=1)
