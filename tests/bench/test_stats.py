@@ -1,7 +1,9 @@
-"""The pure pieces of the benchmarks: statistics, pairing, latencies, the report.
-(Fast, no model: they run first in ``nox -s bench``.)"""
+"""The pure pieces of the benchmarks: statistics, pairing, latencies, the report (fast,
+no model; ``pytest tests/bench/test_stats.py`` runs them alone)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -115,6 +117,16 @@ def test_scaling_summary_of_linear_and_quadratic_runs():
     assert s["longest"] == 80
     assert s["reencode_over_group_time"] == pytest.approx(0.01 * 80 * 80 / 40)
     assert s["reencode_over_group_tokens_fed"] == pytest.approx(80 * 80 / 240)
+
+
+def test_scaling_summary_local_exponent_is_between_the_two_longest():
+    def time(n):
+        return 5 + 0.01 * n * n  # a fixed cost, then quadratic: the exponent grows with N
+
+    s = scaling_summary(_runs("reencode", time, lambda n: n * n))
+    assert s["reencode"]["time_exponent_last"] == pytest.approx(
+        math.log(time(80) / time(40)) / math.log(2))
+    assert s["reencode"]["time_exponent"] < s["reencode"]["time_exponent_last"] < 2
 
 
 def _document():
