@@ -1,0 +1,100 @@
+"""Helpers for the golden traces: what a snapshot holds, the checks every golden passes,
+and the sentences and settings of the real-model goldens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from simulref.decoder import translate
+from simulref.trace import Trace
+from simulref.verify import check_trace
+
+
+def records(trace: Trace) -> list[dict]:
+    """The snapshot of a trace: its JSON Lines records without times (header first:
+    settings, source and target words, delays, finish reason; then one per event with
+    words and token ids)."""
+    return [json.loads(line) for line in trace.to_jsonl(times=False).splitlines()]
+
+
+def assert_valid(trace: Trace, k: int | None) -> None:
+    """The trace passes simulref.verify (consistent events and, with k, wait-k)."""
+    violations = check_trace(trace, k=k)
+    assert violations == [], "\n".join(str(v) for v in violations)
+
+
+# ---------------------------------------------------------------- real models
+
+
+def _postgres_sentence() -> str:
+    first = resources.files("simulref").joinpath("data/postgres-en-fr.tsv").read_text(
+        encoding="utf-8").splitlines()[0]
+    return first.split("\t")[0]
+
+
+SENTENCES = {
+    "short": "The weather is nice today.",
+    "long": ("When the committee finally met on Tuesday afternoon, nobody could remember "
+             "who had booked the room, so they argued for an hour before anyone opened "
+             "the agenda."),
+    "punct": 'Wait -- really? Yes: (she said) "no!"; then, well... fine.',
+    "numbers": "In 2023, 42 people paid $3.50 each for 7 tickets.",
+    "one": "Welcome!",
+    "empty": "   ",
+    "fox": "The quick brown fox jumps over the lazy dog.",
+    "postgres": _postgres_sentence(),  # "Sets the message levels that are sent to the client."
+}
+
+# Bounds on the work per case (CPU time is the budget): the smaller models ramble on after
+# the source ends, up to 2 * N + 10 words of up to 50 tokens by default.
+MAX_NEW_WORDS = 6
+MAX_TOKENS_PER_WORD = 8
+# Smallest top-1/top-2 logit gap allowed at any target step. Switching BLAS (reference vs
+# OpenBLAS) moves these logits by <= 6e-5 (measured); a case closer to a tie than this
+# would flip on another machine, so it does not make a golden.
+MIN_GAP = 1e-3
+DTYPE = "float32"  # not the device default: on a GPU that is "quantized", another model
+
+
+@dataclass(frozen=True)
+class RealCase:
+    sentence: str  # a key of SENTENCES
+    k: int
+    layout: str = "group"
+
+    def __str__(self) -> str:
+        return f"{self.sentence}-k{self.k}-{self.layout}"
+
+
+def run_real(model, tokenizer, case: RealCase, model_id: str) -> tuple[Trace, float | None]:
+    """Translate ``case`` greedily; return the trace and the smallest top-1/top-2 logit
+    gap over every target step (None when no target token was predicted)."""
+    import mlx.core as mx
+
+    gaps = []
+
+    def watch(forward):
+        if forward.logits is not None:
+            top2 = mx.topk(forward.logits, 2)  # lazy: no extra sync on the decode path
+            gaps.append(mx.abs(top2[1] - top2[0]))
+
+    trace = translate(model, tokenizer, SENTENCES[case.sentence], k=case.k,
+                      layout=case.layout, max_new_words=MAX_NEW_WORDS,
+                      max_tokens_per_word=MAX_TOKENS_PER_WORD, model_id=model_id,
+                      on_forward=watch)
+    if not gaps:
+        return trace, None
+    return trace, min(mx.stack(gaps).tolist())
+
+
+def check_real(model, tokenizer, case: RealCase, model_id: str, snapshot) -> float | None:
+    """Run ``case``: a valid trace, no near tie, equal to the snapshot; returns the gap."""
+    trace, gap = run_real(model, tokenizer, case, model_id)
+    assert_valid(trace, k=case.k)
+    assert gap is None or gap >= MIN_GAP, (
+        f"{case}: top-1/top-2 logit gap {gap:.2e} < {MIN_GAP:g}: a near tie that another "
+        "BLAS or device may break; pick another case")
+    assert records(trace) == snapshot
+    return gap
