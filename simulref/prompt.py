@@ -14,6 +14,7 @@ Pure: no MLX. A tokenizer is anything with the Hugging Face ``encode`` / ``decod
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -203,6 +204,14 @@ class Template:
         return ids
 
 
+def _accepts_keyword(function, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def template_for(tokenizer, *, system: str, chat_format: ChatFormat | None = None) -> Template:
     """Bind ``tokenizer`` and the instruction ``system`` to a chat format (discovered from the
     tokenizer's chat template unless ``chat_format`` is given)."""
@@ -215,10 +224,14 @@ def template_for(tokenizer, *, system: str, chat_format: ChatFormat | None = Non
     def encode(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
+    # Source text is data, never control: a word spelled like "<|im_end|>" must not become
+    # the end-of-turn token and close the user turn early. Hugging Face tokenizers take
+    # split_special_tokens; a plain tokenizer without the option has nothing to split.
+    source_options = ({"split_special_tokens": True}
+                      if _accepts_keyword(tokenizer.encode, "split_special_tokens") else {})
+
     def encode_source(text: str) -> tuple[int, ...]:
-        # Source text is data, never control: a word spelled like "<|im_end|>" must not
-        # become the end-of-turn token and close the user turn early.
-        return tuple(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return tuple(tokenizer.encode(text, add_special_tokens=False, **source_options))
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=False,
