@@ -375,10 +375,12 @@ def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
     os.close(slave)
     screen = b""
 
-    def read_until(marker: bytes, deadline: float) -> None:
+    def read_until(done, deadline: float, what: str) -> None:
+        # Keep draining the terminal: a child whose frames fill the pty buffer blocks
+        # in write() and could never reach its exit.
         nonlocal screen
-        while marker not in screen:
-            assert time.monotonic() < deadline, f"no {marker!r} in ...{screen[-400:]!r}"
+        while not done():
+            assert time.monotonic() < deadline, f"no {what} in ...{screen[-400:]!r}"
             if select.select([master], [], [], 0.2)[0]:
                 try:
                     screen += os.read(master, 65536)
@@ -388,10 +390,13 @@ def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
     try:
         process.stdin.write(b"The weather is ")
         process.stdin.flush()
-        read_until(b"written 1", time.monotonic() + 60)  # a hang guard, not a timing
+        # Deadlines are hang guards, not timings.
+        read_until(lambda: b"written 1" in screen, time.monotonic() + 60, "'written 1'")
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
-        read_until(b"finish: cancelled", time.monotonic() + 10)
+        read_until(lambda: process.poll() is not None, time.monotonic() + 60, "exit")
+        assert process.wait(timeout=10) == 130
+        read_until(lambda: b"finish: cancelled" in screen, time.monotonic() + 10,
+                   "'finish: cancelled'")
     finally:
         process.kill()
         process.stdin.close()
