@@ -30,6 +30,7 @@ _EXPORTS = {
     "Read": "simulref.trace",
     "Write": "simulref.trace",
     "DroppedEos": "simulref.trace",
+    "BlankRun": "simulref.trace",
     "Finish": "simulref.trace",
     "Settings": "simulref.trace",
     "Trace": "simulref.trace",

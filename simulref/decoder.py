@@ -15,7 +15,8 @@ for the full contract; in short:
   is dropped, the last fed token's cache entry is trimmed, the source is read and the last
   token is fed again, so the first token of every word sees the new source.
 - EOS sampled before the source is complete is dropped (a ``DroppedEos`` event) and one
-  more word is read; ``stop_at_first_eos=True`` stops there instead, as the paper's code.
+  more word is read (so is a whitespace-only run cut at ``max_tokens_per_word``: a
+  ``BlankRun`` event); ``stop_at_first_eos=True`` stops there instead, as the paper's code.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from functools import lru_cache
 from .cache import SOURCE, TARGET, make_stream_cache
 from .policy import READ, WaitK
 from .prompt import DEFAULT_SYSTEM, template_for
-from .trace import DroppedEos, Finish, Read, Settings, Trace, Write
+from .trace import BlankRun, DroppedEos, Finish, Read, Settings, Trace, Write
 
 LAYOUTS = ("group", "interleaved", "reencode")
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
@@ -560,7 +561,11 @@ class _Run:
                     if self.source_done:
                         yield Finish("max_tokens_per_word", time.monotonic())
                         return
-                    force_read = not content  # a whitespace run: read on rather than loop
+                    if not content:
+                        # Only whitespace so far: waiting for text might never end, so
+                        # record the run and read on, as after a dropped EOS.
+                        yield BlankRun(self.read - 1, tuple(word), time.monotonic())
+                        force_read = True
                     break
                 content = content or self.table.has_content(token)
                 word.append(token)
@@ -609,8 +614,8 @@ def stream(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM
            max_tokens_per_word: int = 50, max_new_words: int | None = None,
            sampler: Callable | None = None, stop_at_first_eos: bool = False, policy=None,
            chat_format=None, on_forward: Callable | None = None) -> Iterator:
-    """Translate ``source`` simultaneously, yielding Read / Write / DroppedEos / Finish
-    events as they happen.
+    """Translate ``source`` simultaneously, yielding Read / Write / DroppedEos / BlankRun /
+    Finish events as they happen.
 
     ``source``: a str (split on whitespace), a sequence of words, any iterable of words
     (it may block while the speaker is silent; the source is complete only when it is

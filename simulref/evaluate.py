@@ -398,9 +398,10 @@ def rebase_times(trace, t0: float):
 
 
 def generated_tokens(trace) -> int:
-    from simulref.trace import Write
+    """Target tokens the model generated: those of the words written and of blank runs."""
+    from simulref.trace import BlankRun, Write
 
-    return sum(len(e.token_ids) for e in trace.events if isinstance(e, Write))
+    return sum(len(e.token_ids) for e in trace.events if isinstance(e, (Write, BlankRun)))
 
 
 def _json_safe(value):

@@ -2,7 +2,7 @@
 
 A :class:`Trace` is what one simultaneous translation did, in order: which source word
 was read when, which target word was written when, and why it stopped. It serializes to
-JSON Lines (``simulref.trace/1``, see ``docs/trace-format.md`` and
+JSON Lines (``simulref.trace/2``, see ``docs/trace-format.md`` and
 ``simulref/schema/trace.schema.json``): one header record, then one record per event,
 keys sorted, so that snapshots diff line by line.
 """
@@ -18,7 +18,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "simulref.trace/1"
+SCHEMA_VERSION = "simulref.trace/2"
+# Older versions this reader still accepts, with the event records each lacks.
+# /1 is /2 without the blank_run record.
+OLDER_SCHEMAS = {"simulref.trace/1": frozenset({"blank_run"})}
 
 FINISH_REASONS = (
     "eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled", "empty_source",
@@ -111,6 +114,23 @@ class DroppedEos:
 
 
 @dataclass(frozen=True)
+class BlankRun:
+    """After ``source_index + 1`` words were read, before the source ended, the model
+    wrote ``settings.max_tokens_per_word`` tokens with no visible text (whitespace
+    only). No word is written from them; they stay in the KV cache, and the decoder
+    reads on (as after a dropped EOS) instead of waiting for text that may not come."""
+
+    source_index: int
+    token_ids: tuple[int, ...]
+    t: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_index("BlankRun", "source_index", self.source_index)
+        object.__setattr__(self, "token_ids", _token_tuple("BlankRun", self.token_ids))
+        object.__setattr__(self, "t", _time("BlankRun", self.t))
+
+
+@dataclass(frozen=True)
 class Finish:
     """The translation ended; ``reason`` is one of :data:`FINISH_REASONS`."""
 
@@ -126,9 +146,9 @@ class Finish:
         object.__setattr__(self, "t", _time("Finish", self.t))
 
 
-Event = Read | Write | DroppedEos | Finish
+Event = Read | Write | DroppedEos | BlankRun | Finish
 
-_EVENT_TYPES = (Read, Write, DroppedEos, Finish)
+_EVENT_TYPES = (Read, Write, DroppedEos, BlankRun, Finish)
 
 # JSON scalars only: an option must survive the JSON round trip and keep Settings hashable.
 _Scalar = str | int | float | bool | None
@@ -258,7 +278,7 @@ class Trace:
         for e in events:
             if not isinstance(e, _EVENT_TYPES):
                 raise TypeError(
-                    f"Trace.events must hold Read/Write/DroppedEos/Finish, "
+                    f"Trace.events must hold Read/Write/DroppedEos/BlankRun/Finish, "
                     f"got {type(e).__name__}"
                 )
         object.__setattr__(self, "source_words", words)
@@ -336,7 +356,10 @@ def _dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-_EVENT_RECORD = {Read: "read", Write: "write", DroppedEos: "dropped_eos", Finish: "finish"}
+_EVENT_RECORD = {
+    Read: "read", Write: "write", DroppedEos: "dropped_eos", BlankRun: "blank_run",
+    Finish: "finish",
+}
 _RECORD_EVENT = {v: k for k, v in _EVENT_RECORD.items()}
 
 
@@ -407,8 +430,10 @@ def _build(header: _Line, event_lines: list[_Line]) -> Trace:
     unknown = sorted(set(h) - _HEADER_KEYS)
     if unknown:
         raise header.fail(f"unexpected key(s) {unknown} in trace header")
-    if h["schema"] != SCHEMA_VERSION:
-        raise header.fail(f"unsupported schema {h['schema']!r}, expected {SCHEMA_VERSION!r}")
+    if h["schema"] != SCHEMA_VERSION and h["schema"] not in OLDER_SCHEMAS:
+        readable = ", ".join(repr(v) for v in (SCHEMA_VERSION, *OLDER_SCHEMAS))
+        raise header.fail(f"unsupported schema {h['schema']!r}, expected one of {readable}")
+    lacking = OLDER_SCHEMAS.get(h["schema"], frozenset())
     try:
         settings = Settings.from_dict(h["settings"])
         if not isinstance(h["source_words"], list):
@@ -418,6 +443,9 @@ def _build(header: _Line, event_lines: list[_Line]) -> Trace:
         raise header.fail(f"bad trace header: {exc}") from None
     events: list[Event] = []
     for line in event_lines:
+        if line.record["record"] in lacking:
+            raise line.fail(f"{line.record['record']!r} records do not exist in schema "
+                            f"{h['schema']!r}")
         try:
             events.append(_event(line.record))
         except (TypeError, ValueError) as exc:
@@ -504,8 +532,8 @@ def _token(word: str) -> str:
 def render_compact(trace: Trace) -> str:
     """One line for humans: ``R The  R quick  W Le  E  F:eos``.
 
-    ``R`` read, ``W`` write (its stripped word), ``E`` a dropped EOS, ``F:<reason>`` the
-    finish. Empty words or words with spaces are shown JSON-quoted."""
+    ``R`` read, ``W`` write (its stripped word), ``E`` a dropped EOS, ``B`` a blank run,
+    ``F:<reason>`` the finish. Empty words or words with spaces are shown JSON-quoted."""
     parts: list[str] = []
     for e in trace.events:
         if isinstance(e, Read):
@@ -514,6 +542,8 @@ def render_compact(trace: Trace) -> str:
             parts.append(f"W {_token(e.word)}")
         elif isinstance(e, DroppedEos):
             parts.append("E")
+        elif isinstance(e, BlankRun):
+            parts.append("B")
         else:
             parts.append(f"F:{e.reason}")
     return "  ".join(parts)

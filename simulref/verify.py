@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .trace import DroppedEos, Event, Finish, Read, Settings, Trace, Write
+from .trace import BlankRun, DroppedEos, Event, Finish, Read, Settings, Trace, Write
 
 EXIT_PASS = 0
 EXIT_VIOLATIONS = 1
@@ -40,7 +40,7 @@ EXIT_UNREADABLE = 2
 _SOURCE_ENDED = ("eos", "max_tokens_per_word")
 # Finish reasons the decoder gives while trying to write a word.
 _AT_WRITE_ATTEMPT = ("eos", "early_eos", "max_tokens_per_word")
-# What may end a stream right after a dropped EOS (the decoder otherwise reads on).
+# What may end a stream right after a dropped EOS or a blank run (else it reads on).
 _AFTER_DROPPED_EOS = ("max_new_words", "cancelled")
 
 
@@ -151,6 +151,9 @@ def describe_event(event: Event | None) -> str:
                 f"token_ids {list(event.token_ids)}")
     if isinstance(event, DroppedEos):
         return f"dropped EOS after source {event.source_index}"
+    if isinstance(event, BlankRun):
+        return (f"blank run after source {event.source_index} "
+                f"token_ids {list(event.token_ids)}")
     if isinstance(event, Finish):
         return f"finish {_show(event.reason)}"
     return repr(event)
@@ -446,6 +449,8 @@ class _Replay:
                 self.on_write(j, event)
             elif isinstance(event, DroppedEos):
                 self.on_dropped_eos(j, event, after)
+            elif isinstance(event, BlankRun):
+                self.on_blank_run(j, event, after)
             else:
                 self.on_finish(j, event, before)
         return self.out
@@ -472,12 +477,12 @@ class _Replay:
         if not e.token_ids:
             self.add("trace.read_tokens", "a read must feed at least one token",
                      event_index=j, source_index=i)
-        forced = isinstance(before, DroppedEos)
+        forced = isinstance(before, (DroppedEos, BlankRun))
         if self.k is not None and not forced and self.read < self.n \
                 and self.read >= self.need():
             self.add("trace.extra_read", f"wait-{self.k} writes target word {self.written} "
                      f"once {self.need()} word(s) are read; this read is neither asked for "
-                     "nor forced by a dropped EOS", event_index=j, source_index=i,
+                     "nor forced by a dropped EOS or a blank run", event_index=j, source_index=i,
                      expected="write", actual="read")
         self.read += 1
 
@@ -517,19 +522,34 @@ class _Replay:
         if self.settings.stop_at_first_eos:
             self.add("trace.dropped_eos", "with settings.stop_at_first_eos an EOS ends the "
                      "translation (finish 'early_eos'); it is never dropped", event_index=j)
-        if e.source_index != self.read - 1:
-            self.add("trace.dropped_eos", "a dropped EOS names the last source word read",
-                     event_index=j, source_index=e.source_index, expected=self.read - 1,
-                     actual=e.source_index)
-        if isinstance(after, (Write, DroppedEos)):
-            self.add("trace.dropped_eos", "a dropped EOS must be followed by a read (the "
-                     "decoder reads on) or by the finish", event_index=j + 1,
-                     expected="read or finish", actual=describe_event(after))
+        self.check_reads_on("trace.dropped_eos", "a dropped EOS", j, e.source_index, after)
+
+    def on_blank_run(self, j: int, e: BlankRun, after: Event | None) -> None:
+        cap = self.settings.max_tokens_per_word
+        if cap is not None and len(e.token_ids) != cap:
+            self.add("trace.blank_run", "a blank run is cut at exactly "
+                     "settings.max_tokens_per_word tokens", event_index=j,
+                     expected=cap, actual=len(e.token_ids))
+        if self.read >= self.n:
+            self.add("trace.blank_run", "once the whole source is read, a word cut by the "
+                     "token limit ends the translation (finish 'max_tokens_per_word')",
+                     event_index=j, expected=Bound("<", self.n), actual=self.read)
+        self.check_reads_on("trace.blank_run", "a blank run", j, e.source_index, after)
+
+    def check_reads_on(self, rule: str, what: str, j: int, source_index: int,
+                       after: Event | None) -> None:
+        """A dropped EOS or a blank run names the last word read and forces a read next."""
+        if source_index != self.read - 1:
+            self.add(rule, f"{what} names the last source word read", event_index=j,
+                     source_index=source_index, expected=self.read - 1, actual=source_index)
+        if isinstance(after, (Write, DroppedEos, BlankRun)):
+            self.add(rule, f"{what} must be followed by a read (the decoder reads on) or by "
+                     "the finish", event_index=j + 1, expected="read or finish",
+                     actual=describe_event(after))
         elif isinstance(after, Finish) and after.reason not in _AFTER_DROPPED_EOS:
-            self.add("trace.dropped_eos", "only a word limit or a cancel may end the "
-                     "translation right after a dropped EOS (the source had not ended)",
-                     event_index=j + 1, expected=" or ".join(_AFTER_DROPPED_EOS),
-                     actual=after.reason)
+            self.add(rule, f"only a word limit or a cancel may end the translation right "
+                     f"after {what} (the source had not ended)", event_index=j + 1,
+                     expected=" or ".join(_AFTER_DROPPED_EOS), actual=after.reason)
 
     def on_finish(self, j: int, e: Finish, before: Event | None) -> None:
         reason = e.reason
@@ -716,7 +736,10 @@ def _groups(lines: list[str]) -> list[tuple[int, int, dict]]:
     return [(first, end, header) for (first, header), end in zip(starts, ends, strict=True)]
 
 
-_EVENT_CLASSES = {"read": Read, "write": Write, "dropped_eos": DroppedEos, "finish": Finish}
+_EVENT_CLASSES = {
+    "read": Read, "write": Write, "dropped_eos": DroppedEos, "blank_run": BlankRun,
+    "finish": Finish,
+}
 
 
 def _trace_of_group(lines: list[str], first: int, end: int, header: dict) -> Trace:

@@ -22,7 +22,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from simulref.trace import DroppedEos, Event, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Event, Finish, Read, Write
 
 CURSOR = "▌"
 READ_STYLE = "bold cyan"
@@ -32,11 +32,13 @@ WRITE_STYLE = "bold green"
 
 @dataclass(frozen=True)
 class Step:
-    """A maximal run of reads followed by the writes (and dropped EOS) that came next."""
+    """A maximal run of reads followed by the writes (and dropped EOS, blank runs) that
+    came next."""
 
     reads: tuple[Read, ...]
     writes: tuple[Write, ...]
     dropped_eos: int = 0
+    blank_runs: int = 0
 
 
 def _reads(events: Sequence[Event]) -> list[Read]:
@@ -56,19 +58,21 @@ def steps(events: Sequence[Event]) -> list[Step]:
     out: list[Step] = []
     reads: list[Read] = []
     writes: list[Write] = []
-    dropped = 0
+    dropped = blank = 0
     for event in events:
         if isinstance(event, Read):
-            if writes or dropped:
-                out.append(Step(tuple(reads), tuple(writes), dropped))
-                reads, writes, dropped = [], [], 0
+            if writes or dropped or blank:
+                out.append(Step(tuple(reads), tuple(writes), dropped, blank))
+                reads, writes, dropped, blank = [], [], 0, 0
             reads.append(event)
         elif isinstance(event, Write):
             writes.append(event)
         elif isinstance(event, DroppedEos):
             dropped += 1
-    if reads or writes or dropped:
-        out.append(Step(tuple(reads), tuple(writes), dropped))
+        elif isinstance(event, BlankRun):
+            blank += 1
+    if reads or writes or dropped or blank:
+        out.append(Step(tuple(reads), tuple(writes), dropped, blank))
     return out
 
 
@@ -96,6 +100,9 @@ def status_line(events: Sequence[Event], source_words: Sequence[str]) -> Text:
     dropped = sum(isinstance(e, DroppedEos) for e in events)
     if dropped:
         parts.append(f"early EOS dropped ×{dropped}")
+    blank = sum(isinstance(e, BlankRun) for e in events)
+    if blank:
+        parts.append(f"blank runs ×{blank}")
     parts.append(f"finish: {finish.reason}" if finish else "running")
     return Text(" · ".join(parts), style="italic")
 
@@ -147,6 +154,8 @@ def side_by_side_view(
         written = Text(" ".join(w.word for w in step.writes), style=WRITE_STYLE)
         if step.dropped_eos:
             written.append((" " if written else "") + "⟂EOS" * step.dropped_eos, style="dim")
+        if step.blank_runs:
+            written.append((" " if written else "") + "⟂blank" * step.blank_runs, style="dim")
         table.add_row(str(number), " ".join(r.word for r in step.reads), written)
     words = _source_words(events, source_words)
     pending = words[len(_reads(events)) :]
@@ -178,6 +187,9 @@ def trace_view(
         elif isinstance(event, DroppedEos):
             row = ("drop-eos", str(event.source_index), Text("early EOS dropped", style="dim"),
                    "")
+        elif isinstance(event, BlankRun):
+            row = ("blank", str(event.source_index), Text("whitespace only", style="dim"),
+                   str(len(event.token_ids)))
         else:
             row = ("finish", "", Text(event.reason, style="italic"), "")
         table.add_row(t, *row)

@@ -26,7 +26,7 @@ from simulref.decoder import translate
 from simulref.policy import Scripted
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import tiny_tokenizer
-from simulref.trace import DroppedEos
+from simulref.trace import BlankRun, DroppedEos, Read
 
 POOL = "The weather is nice today so we are going to walk in the park".split()
 
@@ -92,6 +92,10 @@ FOX = " Le renard brun saute par-dessus le chien"
 BEAU = " Il fait beau"
 
 
+# Four single-character whitespace tokens: \t \v \f \r.
+WHITESPACE = (200, 202, 203, 204)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -128,6 +132,9 @@ NAMED = [
     Case("cut-words-mid-source", tuple(script_of(FOX)), n=9, k=2, max_tokens_per_word=2),
     # ... and a cut once the source is done ends the translation.
     Case("cut-word-ends-it", tuple(script_of(FOX)), n=2, k=1, max_tokens_per_word=2),
+    # Four whitespace-only tokens cut at 2: a blank run, and the decoder reads on.
+    Case("blank-run-reads-on", (*WHITESPACE, *script_of(" Le renard")), n=4, k=1,
+         max_tokens_per_word=2),
     Case("max-new-words", tuple(script_of(FOX)), n=5, k=1, max_new_words=3),
     # A model that never says EOS: the runaway guard stops it at 2 * N + 10 words.
     Case("runaway-guard", tuple(script_of(" Le renard")), n=2, k=1, loop=True),
@@ -154,3 +161,12 @@ def test_the_grid_covers_dropped_eos_and_every_finish_the_script_allows():
                                      "max_tokens_per_word"}
     dropped = [c.name for c in GRID if any(isinstance(e, DroppedEos) for e in c.run().events)]
     assert "k1-n9" in dropped  # 7 target words cannot cover 9 source words at k=1
+
+
+def test_a_blank_run_is_recorded_and_justifies_the_read_after_it():
+    case = next(c for c in NAMED if c.name == "blank-run-reads-on")
+    events = case.run().events
+    runs = [(j, e) for j, e in enumerate(events) if isinstance(e, BlankRun)]
+    assert [e.token_ids for _, e in runs] == [WHITESPACE[:2], WHITESPACE[2:]]
+    assert [e.source_index for _, e in runs] == [0, 1]
+    assert all(isinstance(events[j + 1], Read) for j, _ in runs)

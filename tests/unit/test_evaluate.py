@@ -27,7 +27,7 @@ from simulref.evaluate import (
     summarize,
     write_atomic,
 )
-from simulref.trace import Finish, Read, Settings, Trace, Write, read_traces
+from simulref.trace import BlankRun, Finish, Read, Settings, Trace, Write, read_traces
 
 field = st.text(
     st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\t"),
@@ -275,3 +275,11 @@ def test_an_interrupted_run_resumes_to_the_same_traces(tiny, tmp_path):
     _evaluation(tiny, tmp_path / "cut", specs).run()
     assert len(load_records(progress)) == 2
     assert _untimed(tmp_path / "cut" / specs[0].traces_file) == whole
+
+
+def test_generated_tokens_count_written_words_and_blank_runs_only():
+    settings = Settings(model="m", k=1, layout="group", system="S")
+    trace = Trace(settings, ("a", "b"), (
+        Read(0, "a", (1, 2, 3)), BlankRun(0, (9, 9)), Read(1, "b", (4,)),
+        Write(0, " x", (5, 6, 7)), Finish("eos")))
+    assert evaluate.generated_tokens(trace) == 5

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from simulref.trace import (
     FINISH_REASONS,
+    OLDER_SCHEMAS,
     SCHEMA_VERSION,
+    BlankRun,
     DroppedEos,
     Finish,
     Read,
@@ -39,6 +41,7 @@ events = st.one_of(
     st.builds(Read, index, words, token_ids, times),
     st.builds(Write, index, words, token_ids, times),
     st.builds(DroppedEos, index, times),
+    st.builds(BlankRun, index, token_ids, times),
     st.builds(Finish, st.sampled_from(FINISH_REASONS), times),
 )
 scalars = st.one_of(
@@ -191,7 +194,7 @@ def test_the_format_is_pinned():
                    Read(1, "there", (2, 3)), Finish("eos")))
     assert small.to_jsonl(times=False) == (
         '{"delays": [1], "finish_reason": "eos", "record": "trace", '
-        '"schema": "simulref.trace/1", "settings": {"extra": {"sampler": "greedy"}, "k": 2, '
+        '"schema": "simulref.trace/2", "settings": {"extra": {"sampler": "greedy"}, "k": 2, '
         '"layout": "group", "max_new_words": null, "max_tokens_per_word": 50, '
         '"model": "smollm2-135m", "stop_at_first_eos": false, "system": "Translate to French", '
         '"target_start": "auto"}, "source_words": ["Hi", "there"], "target_words": ["Salut"]}\n'
@@ -225,6 +228,11 @@ def _edit(line_no: int, **changes) -> str:
 _DROP = object()
 
 
+def test_schema_1_files_still_read():
+    (trace,) = read_traces(_edit(1, schema="simulref.trace/1"))
+    assert trace == EXAMPLE
+
+
 @pytest.mark.parametrize(
     ("text", "line", "expected"),
     [
@@ -232,7 +240,7 @@ _DROP = object()
         ("\n".join(_lines()[:2] + ["[1, 2]"] + _lines()[3:]), 3, "expected a JSON object"),
         ("\n".join(_lines()[1:]), 1, "'trace' header record first"),
         (_edit(2, record="reed"), 2, "expected 'record' to be one of"),
-        (_edit(1, schema="simulref.trace/2"), 1, "unsupported schema"),
+        (_edit(1, schema="simulref.trace/3"), 1, "unsupported schema"),
         (_edit(1, delays=[2, 3, 4, 5]), 1, "header delays"),
         (_edit(1, target_words=["Le"]), 1, "header target_words"),
         (_edit(1, finish_reason=None), 1, "header finish_reason"),
@@ -250,6 +258,9 @@ _DROP = object()
         (_edit(2, colour="red"), 2, "unexpected key(s) ['colour']"),
         (_edit(3, t="soon"), 3, "t must be a float"),
         (_edit(11, reason="tired"), 11, "Finish.reason must be one of"),
+        ("\n".join(_edit(1, schema="simulref.trace/1").split("\n")[:6]
+                   + ['{"record": "blank_run", "source_index": 2, "token_ids": [9]}']),
+         7, "'blank_run' records do not exist in schema 'simulref.trace/1'"),
     ],
 )
 def test_malformed_input_names_the_line_and_what_was_expected(text, line, expected):
@@ -288,6 +299,8 @@ def test_from_jsonl_wants_exactly_one_trace():
         (lambda: Write(0, "a", (1,), float("nan")), ValueError, "finite"),
         (lambda: Finish("done"), ValueError, "Finish.reason must be one of"),
         (lambda: DroppedEos(0, "1"), TypeError, "DroppedEos.t"),
+        (lambda: BlankRun(-2, (1,)), ValueError, "BlankRun.source_index"),
+        (lambda: BlankRun(0, [1.5]), TypeError, "BlankRun.token_ids"),
         (lambda: settings_example(target_start="soon"), ValueError, "target_start"),
         (lambda: settings_example(target_start=-1), ValueError, "target_start"),
         (lambda: settings_example(k=1.5), TypeError, "Settings.k"),
@@ -374,7 +387,8 @@ def _valid(value, schema: dict, root: dict) -> bool:
 
 def test_schema_names_the_version_the_code_writes():
     schema = _schema()
-    assert schema["$defs"]["header"]["properties"]["schema"] == {"const": SCHEMA_VERSION}
+    versions = schema["$defs"]["header"]["properties"]["schema"]["enum"]
+    assert versions == [SCHEMA_VERSION, *OLDER_SCHEMAS]
     assert schema["$defs"]["finish_reason"]["enum"] == list(FINISH_REASONS)
 
 
@@ -388,7 +402,7 @@ def test_every_record_written_matches_the_schema(trace, with_times):
 
 @pytest.mark.parametrize(
     ("line", "change"),
-    [(1, {"schema": "simulref.trace/2"}), (1, {"delays": [-1]}), (2, {"word": 3}),
+    [(1, {"schema": "simulref.trace/3"}), (1, {"delays": [-1]}), (2, {"word": 3}),
      (2, {"colour": "red"}), (3, {"token_ids": [1.5]}), (11, {"reason": "tired"}),
      (1, {"settings": {"model": "m", "k": 1, "layout": "", "system": ""}})],
 )
@@ -409,3 +423,6 @@ def test_render_compact():
     )
     odd = Trace(settings_example(), ("a b",), (Read(0, "a b", (1,)), Write(0, "\n", (2,))))
     assert render_compact(odd) == 'R "a b"  W ""'
+    blank = Trace(settings_example(), ("a", "b"),
+                  (Read(0, "a", (1,)), BlankRun(0, (3, 3)), Read(1, "b", (2,))))
+    assert render_compact(blank) == "R a  B  R b"

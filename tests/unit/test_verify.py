@@ -20,7 +20,16 @@ from hypothesis import strategies as st
 from simulref.policy import READ, Scripted, WaitK, schedule
 from simulref.prompt import DEFAULT_SYSTEM, ChatFormat, assemble
 from simulref.testing import tiny_tokenizer
-from simulref.trace import DroppedEos, Finish, Read, Settings, Trace, Write, read_traces
+from simulref.trace import (
+    BlankRun,
+    DroppedEos,
+    Finish,
+    Read,
+    Settings,
+    Trace,
+    Write,
+    read_traces,
+)
 from simulref.verify import (
     Bound,
     Divergence,
@@ -211,11 +220,12 @@ def test_check_schedule_rejects_bad_arguments():
 # ------------------------------------------------------------------- traces
 
 
-def simulate(words, k, n_targets, *, eos_at=(), worded=(), max_new_words=None,
+def simulate(words, k, n_targets, *, eos_at=(), worded=(), blank_at=(), max_new_words=None,
              stop_at_first_eos=False, truncate=False) -> Trace:
     """The events a wait-k decoder emits for a model that writes ``n_targets`` words, then
     EOS, and also samples EOS at the write attempts numbered in ``eos_at`` (right after a
-    word, in the same attempt, for those also in ``worded``). A plain restatement of the
+    word, in the same attempt, for those also in ``worded``) and only whitespace, up to
+    the 2-token word limit, at those in ``blank_at``. A plain restatement of the
     decoder's loop (simulref.decoder._Run.events), without a model."""
     n, policy, events = len(words), WaitK(k), []
     read = written = attempts = 0
@@ -230,6 +240,13 @@ def simulate(words, k, n_targets, *, eos_at=(), worded=(), max_new_words=None,
             read, force = read + 1, False
             continue
         attempt, attempts = attempts, attempts + 1
+        if attempt in blank_at and attempt not in eos_at:
+            if done:  # a word cut by the token limit once the source ended
+                events.append(Finish("max_tokens_per_word"))
+                break
+            events.append(BlankRun(read - 1, (9, 9)))
+            force = True
+            continue
         if written < n_targets and (attempt not in eos_at or attempt in worded):
             events.append(Write(written, f" t{written}", (200 + written, 7)))
             written += 1
@@ -245,7 +262,8 @@ def simulate(words, k, n_targets, *, eos_at=(), worded=(), max_new_words=None,
         force = True
     source = tuple(e.word for e in events if isinstance(e, Read)) if truncate else tuple(words)
     return Trace(Settings(model="sim", k=k, layout="group", system="S",
-                          max_new_words=max_new_words, stop_at_first_eos=stop_at_first_eos),
+                          max_tokens_per_word=2, max_new_words=max_new_words,
+                          stop_at_first_eos=stop_at_first_eos),
                  source, tuple(events))
 
 
@@ -258,6 +276,7 @@ def valid_traces(draw):
         words, draw(st.integers(1, 5)), n_targets,
         eos_at=draw(st.frozensets(st.integers(0, 12), max_size=3)),
         worded=draw(st.frozensets(st.integers(0, 12), max_size=6)),
+        blank_at=draw(st.frozensets(st.integers(0, 12), max_size=2)),
         max_new_words=draw(st.none() | st.integers(0, n_targets + 1)),
         stop_at_first_eos=draw(st.booleans()), truncate=draw(st.booleans()))
 
@@ -273,6 +292,11 @@ def R(i, word=None):
 
 def W(i, text=None):
     return Write(i, text or f" m{i}", (50 + i,))
+
+
+def B(i, n=50):
+    """A blank run of ``n`` tokens (hand()'s max_tokens_per_word is the default, 50)."""
+    return BlankRun(i, (9,) * n)
 
 
 # wait-2 over 4 words, 4 target words: delays 2, 3, 4, 4.
@@ -330,6 +354,13 @@ def test_a_missing_read_is_caught():
     ([R(0), R(1), W(0), DroppedEos(1), W(1), R(2), R(3), W(2), Finish("eos")],
      "trace.dropped_eos"),  # not followed by a read
     ([*GOOD[:-1], DroppedEos(3), Finish("eos")], "trace.dropped_eos"),
+    ([R(0), R(1), W(0), B(0), R(2), W(1), R(3), W(2), Finish("eos")],
+     "trace.blank_run"),  # names word 0 but 2 words were read
+    ([R(0), R(1), W(0), B(1), W(1), R(2), R(3), W(2), Finish("eos")],
+     "trace.blank_run"),  # not followed by a read
+    ([R(0), R(1), W(0), B(1, 2), R(2), W(1), R(3), W(2), Finish("eos")],
+     "trace.blank_run"),  # shorter than max_tokens_per_word
+    ([*GOOD[:-1], B(3), Finish("cancelled")], "trace.blank_run"),  # the source had ended
     ([Finish("empty_source")], "trace.finish_reason"),  # the source is not empty
 ])
 def test_each_rule_catches_its_broken_trace(events, rule):
@@ -362,6 +393,13 @@ def test_empty_source_and_early_stops():
     assert check_trace(hand(early, source=("The", "quick"), stop_at_first_eos=True)) == []
 
 
+def test_a_blank_run_forces_one_read_beyond_wait_k():
+    assert check_trace(hand([R(0), R(1), W(0), B(1), R(2), W(1), R(3), W(2), Finish("eos")])) == []
+    events = [R(0), R(1), W(0), B(1), R(2), R(3), W(1), W(2), Finish("eos")]
+    found = check_trace(hand(events))
+    assert [(v.rule, v.event_index) for v in found] == [("trace.extra_read", 5)]
+
+
 def test_a_dropped_eos_forces_one_read_beyond_wait_k():
     events = [R(0), R(1), W(0), DroppedEos(1), R(2), R(3), W(1), W(2), Finish("eos")]
     found = check_trace(hand(events))
@@ -373,7 +411,7 @@ def test_a_dropped_eos_forces_one_read_beyond_wait_k():
 def test_simulated_decoder_traces_pass(trace):
     assert check_trace(trace) == []
     assert check_trace(Trace.from_jsonl(trace.to_jsonl())) == []
-    if not any(isinstance(e, DroppedEos) for e in trace.events):
+    if not any(isinstance(e, (DroppedEos, BlankRun)) for e in trace.events):
         assert check_schedule(trace.delays, len(trace.source_words), trace.settings.k) == []
 
 
@@ -454,8 +492,18 @@ def shift_dropped_eos(trace, data):
     return _with(trace, events)
 
 
+def drop_blank_run(trace, data):
+    runs = _positions(trace, BlankRun)
+    assume(runs)
+    j = data.draw(st.sampled_from(runs))
+    # Dropping it leaves the read it forced unexplained, unless wait-k asked for it anyway.
+    assume(isinstance(trace.events[j + 1], Read))
+    return _with(trace, trace.events[:j] + trace.events[j + 1:])
+
+
 TRACE_MUTATIONS = [drop_read, swap_reads, write_earlier, duplicate_finish, remove_finish,
-                   change_read_word, drop_inner_write, read_past_end, shift_dropped_eos]
+                   change_read_word, drop_inner_write, read_past_end, shift_dropped_eos,
+                   drop_blank_run]
 
 
 @PROPERTY

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from simulref.policy import WaitK, schedule
-from simulref.trace import DroppedEos, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
 from simulref.views import (
     VIEWS,
     live_view,
@@ -215,3 +215,21 @@ def test_plots_write_png_and_svg_atomically_and_deterministically(tmp_path):
     assert "group k=3" in stairs[1].read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "again.png", "again.svg", "ql.png", "ql.svg", "stairs.png", "stairs.svg"]
+
+
+BLANK = [
+    Read(0, "The", (1,), 0.0),
+    BlankRun(0, (9, 9), 0.1),
+    Read(1, "quick", (2,), 0.2),
+    Write(0, "Le", (5,), 0.3),
+]
+
+
+def test_a_blank_run_shows_in_every_view():
+    rows = render(side_by_side_view(BLANK, SOURCE)).splitlines()[3:5]
+    assert [row.split() for row in rows] == [["1", "The", "⟂blank"], ["2", "quick", "Le"]]
+    rows = render(trace_view(BLANK, SOURCE)).splitlines()
+    assert ["0.100", "blank", "0", "whitespace", "only", "2"] in [row.split() for row in rows]
+    assert render(live_view(BLANK, SOURCE)).splitlines()[-1] == (
+        "read 2/? · written 1 · lag 1 · blank runs ×1 · running"
+    )
