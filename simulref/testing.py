@@ -104,6 +104,56 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None
     return model
 
 
+def successor_model(vocab_size: int, successors, default: int):
+    """A scripted stand-in for an ``mlx_lm`` model: after token ``t`` is fed it predicts
+    ``successors.get(t, default)`` with certainty (one-hot logits, so greedy decoding
+    follows the script exactly, whatever the positions or the mask).
+
+    It keeps a real KV cache through mlx-lm's protocol (``make_mask``,
+    ``update_and_fetch``), so a decoder drives it as it drives a real model. With it,
+    schedules, word boundaries, EOS handling and limits can be tested with no
+    floating-point decision."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
+
+    def check(name: str, token) -> int:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ValueError(f"{name}: expected a token id in [0, {vocab_size}), got {token!r}")
+        return token
+
+    table = [check("default", default)] * vocab_size
+    for a, b in dict(successors).items():
+        table[check("successors key", a)] = check(f"successors[{a}]", b)
+    return _successor_class()(table)
+
+
+@cache
+def _successor_class():
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.cache import KVCache
+
+    class SuccessorLM(nn.Module):
+        def __init__(self, table: list[int]):
+            super().__init__()
+            self.successor = mx.array(table, dtype=mx.int32)
+            self.vocab_size = len(table)
+
+        def make_cache(self):
+            return [KVCache()]
+
+        def __call__(self, inputs, cache=None):
+            n = inputs.shape[1]
+            if cache is not None:
+                cache[0].make_mask(n, return_array=False, window_size=None)  # as mlx-lm models ask
+                kv = mx.zeros((1, 1, n, 1))
+                cache[0].update_and_fetch(kv, kv)
+            hot = self.successor[inputs][..., None] == mx.arange(self.vocab_size)
+            return hot.astype(mx.float32) * 20.0
+
+    return SuccessorLM
+
+
 def permute_for_interleaved_rope(weight, n_heads: int):
     """Reorder the rows of a Q or K projection (shape (n_heads * head_dim, hidden)) the
     way llama.cpp's converter does for llama models: within each head, the rotary pairs

@@ -1,13 +1,14 @@
 """Policy-level golden traces: a scripted model, no floating-point decisions.
 
-``ScriptLM`` is a real ``mlx.nn.Module`` that speaks mlx-lm's KV-cache protocol (so the
-decoder drives it through a StreamCache exactly as it drives a real model) and whose
-logits are one-hot: after the assistant header it says the first token of a fixed
-script, after each script token the next one, and EOS after the last one (or it starts
-the script again, for a model that never stops). Whatever the source, the same target
-tokens come out, so these snapshots pin the decoder's schedule (wait-k over every small
-k x N), word boundaries, dropped EOS, and the max_tokens_per_word / max_new_words limits,
-independently of any model's numerics. The layout cannot matter to such a model: every
+``script_lm`` builds a ``simulref.testing.successor_model``: a real ``mlx.nn.Module`` that
+speaks mlx-lm's KV-cache protocol (so the decoder drives it through a StreamCache exactly
+as it drives a real model) and whose logits are one-hot: after the assistant header it
+says the first token of a fixed script, after each script token the next one, and EOS
+after the last one (or it starts the script again, for a model that never stops).
+Whatever the source, the same target tokens come out, so these snapshots pin the
+decoder's schedule (wait-k over every small k x N), word boundaries, dropped EOS, blank
+runs, and the max_tokens_per_word / max_new_words limits, independently of any model's
+numerics. The layout cannot matter to such a model: every
 case is also run in the interleaved and reencode layouts and must give the same events.
 """
 
@@ -15,17 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
 import pytest
 from goldens import assert_valid, records
-from mlx_lm.models.cache import KVCache
 
 from simulref.decoder import translate
 from simulref.policy import Scripted
 from simulref.prompt import DEFAULT_SYSTEM, template_for
-from simulref.testing import tiny_tokenizer
+from simulref.testing import successor_model, tiny_tokenizer
 from simulref.trace import BlankRun, DroppedEos, Read
 
 POOL = "The weather is nice today so we are going to walk in the park".split()
@@ -44,41 +41,20 @@ def eos() -> int:
     return token
 
 
-class ScriptLM(nn.Module):
-    """One layer, one head; next token = successor[last token fed], as one-hot logits.
-
-    The successor table sends the assistant header's last token to ``script[0]``, each
-    script token to the next, the last one to EOS (``loop=False``) or back to
-    ``script[0]`` (``loop=True``), and every other token to EOS. Script tokens must be
-    distinct (a token has one successor)."""
-
-    def __init__(self, vocab_size: int, script: list[int], *, start: int, end: int,
-                 loop: bool = False):
-        super().__init__()
-        if len(set(script)) != len(script) or start in script or end in script:
-            raise ValueError(f"script: expected distinct tokens other than start={start} "
-                             f"and end={end}, got {script}")
-        successor = np.full(vocab_size, end, dtype=np.int32)
-        chain = [start, *script]
-        for a, b in zip(chain, chain[1:], strict=False):
-            successor[a] = b
-        if script:
-            successor[script[-1]] = script[0] if loop else end
-        self.successor = mx.array(successor)
-        self.vocab_size = vocab_size
-
-    def make_cache(self):
-        return [KVCache()]
-
-    def __call__(self, inputs, cache=None):
-        n = inputs.shape[1]
-        if cache is not None:
-            # Through the protocol, so the StreamCache bookkeeping runs as for a real model.
-            cache[0].make_mask(n)
-            kv = mx.zeros((1, 1, n, 1))
-            cache[0].update_and_fetch(kv, kv)
-        hot = self.successor[inputs][..., None] == mx.arange(self.vocab_size)
-        return hot.astype(mx.float32) * 10.0
+def script_lm(vocab_size: int, script: list[int], *, start: int, end: int,
+              loop: bool = False):
+    """next token = successor[last token fed]: the assistant header's last token leads to
+    ``script[0]``, each script token to the next, the last one to EOS (``loop=False``) or
+    back to ``script[0]`` (``loop=True``), and every other token to EOS. Script tokens
+    must be distinct (a token has one successor)."""
+    if len(set(script)) != len(script) or start in script or end in script:
+        raise ValueError(f"script: expected distinct tokens other than start={start} "
+                         f"and end={end}, got {script}")
+    chain = [start, *script]
+    successors = dict(zip(chain, chain[1:], strict=False))
+    if script:
+        successors[script[-1]] = script[0] if loop else end
+    return successor_model(vocab_size, successors, default=end)
 
 
 def script_of(text: str) -> list[int]:
@@ -109,8 +85,8 @@ class Case:
     stop_at_first_eos: bool = False
 
     def run(self, layout: str = "group"):
-        model = ScriptLM(len(tokenizer()), list(self.script), start=header_last(), end=eos(),
-                         loop=self.loop)
+        model = script_lm(len(tokenizer()), list(self.script), start=header_last(),
+                          end=eos(), loop=self.loop)
         return translate(model, tokenizer(), POOL[:self.n], k=self.k or 3, policy=self.policy,
                          layout=layout, max_tokens_per_word=self.max_tokens_per_word,
                          max_new_words=self.max_new_words,

@@ -35,7 +35,7 @@ from simulref.cache import SOURCE, TARGET
 from simulref.decoder import LAYOUTS, stream, token_table, translate
 from simulref.policy import ReadAll, Scripted, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, assemble, template_for
-from simulref.testing import tiny_model, tiny_tokenizer
+from simulref.testing import successor_model, tiny_model, tiny_tokenizer
 from simulref.trace import DroppedEos, Finish, Read, Write
 
 ATOL = 5e-4
@@ -390,31 +390,6 @@ def test_gemma3_sliding_window_is_refused():
 # ---------------------------------------------------------------- a scripted model
 
 
-class ScriptedLM(nn.Module):
-    """A one-layer model whose next token is ``table[last token fed]``: it keeps a real
-    KV cache through the protocol (offset, update_and_fetch, make_mask) so the decoder
-    drives it exactly like an mlx-lm model, and forces a chosen token sequence."""
-
-    def __init__(self, vocab_size: int, transitions: dict[int, int], default: int):
-        super().__init__()
-        table = np.full(vocab_size, default, dtype=np.int64)
-        for a, b in transitions.items():
-            table[a] = b
-        # Row t: the logits after feeding token t (one-hot on its successor).
-        self.logits_after = mx.array(np.eye(vocab_size, dtype=np.float32)[table] * 20.0)
-
-    def make_cache(self):
-        return [KVCache()]
-
-    def __call__(self, inputs, cache=None):
-        n = inputs.shape[1]
-        if cache is not None:
-            cache[0].make_mask(n)
-            kv = mx.zeros((1, 1, n, 1))
-            cache[0].update_and_fetch(kv, kv)
-        return self.logits_after[inputs]
-
-
 def word_openers():
     table = token_table(tok())
     return [i for i in range(len(tok())) if table.starts[i] and table.content[i]]
@@ -439,7 +414,7 @@ def scripted_words(n_words: int, multi_every: int = 3, extra: int = 1):
 
 def scripted_model(words, end: int = EOS, first_from: int = HEADER_LAST):
     chain = [first_from] + [t for w in words for t in w] + [end]
-    return ScriptedLM(len(tok()), dict(zip(chain, chain[1:], strict=False)), default=end)
+    return successor_model(len(tok()), dict(zip(chain, chain[1:], strict=False)), default=end)
 
 
 def test_schedule_is_min_k_plus_i_n_for_every_small_n_and_k():
