@@ -364,6 +364,10 @@ def test_watch_stdin_pipe_with_pauses_keeps_wait_k(gguf, loaded, tmp_path):
     assert out.decode() == render(side_by_side_view(trace.events, SENTENCE.split()))
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
     """A live view on a pseudo-terminal, stdin left open after three words (the decoder
     waits for a fourth), then SIGINT: exit code 130, the last frame says cancelled, and
@@ -371,7 +375,11 @@ def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
     master, slave = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "simulref", "watch", "-", "--model", gguf, "-k", "2", *FAST],
-        stdin=subprocess.PIPE, stdout=slave, stderr=slave, env=_env(), close_fds=True)
+        stdin=subprocess.PIPE, stdout=slave, stderr=slave, env=_env(), close_fds=True,
+        # A test run started in the background (`.ci/run &` from a script) inherits SIGINT
+        # ignored, and Python keeps an ignored SIGINT ignored: give the child the default
+        # disposition a terminal session has.
+        preexec_fn=_default_sigint)
     os.close(slave)
     screen = b""
 
