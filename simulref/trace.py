@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 SCHEMA_VERSION = "simulref.trace/2"
 # Older versions this reader still accepts, with the event records each lacks.
@@ -506,17 +507,8 @@ def write_traces(path: str | os.PathLike[str], traces: Iterable[Trace], *,
         if not isinstance(tr, Trace):
             raise TypeError(f"write_traces expects Trace objects, got {type(tr).__name__}")
     text = "".join(tr.to_jsonl(times=times) for tr in traces)
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, text=True) as handle:
+        handle.write(text)
 
 
 # ---------------------------------------------------------------------------- rendering

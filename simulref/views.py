@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from simulref.atomic import atomic_write
 from simulref.trace import BlankRun, DroppedEos, Event, Finish, Read, Write
 
 CURSOR = "▌"
@@ -219,14 +219,8 @@ def _save_figure(fig, stem: Path) -> list[Path]:
         path = stem.with_suffix(f".{fmt}")
         # Fixed metadata so the files depend only on the data (diffable SVG).
         metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                fig.savefig(handle, format=fmt, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format=fmt, metadata=metadata)
         paths.append(path)
     return paths
 
