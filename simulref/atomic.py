@@ -24,6 +24,8 @@ def atomic_write(path: str | os.PathLike, *, text: bool = False) -> Iterator[IO]
     it over ``path``. On an error the temp file is removed and ``path`` is untouched.
     ``text=True`` opens it as UTF-8 text with ``\\n`` line ends; otherwise binary."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: cannot write, no such directory {path.parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if text:

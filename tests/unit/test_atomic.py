@@ -36,6 +36,12 @@ def test_an_error_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_a_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory .*nowhere"):
+        with atomic_write(tmp_path / "nowhere" / "x.json"):
+            pass
+
+
 def test_text_mode_writes_utf8_with_newline_line_ends(tmp_path):
     path = tmp_path / "t.jsonl"
     with atomic_write(path, text=True) as handle:
