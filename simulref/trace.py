@@ -279,8 +279,8 @@ class Trace:
         for e in events:
             if not isinstance(e, _EVENT_TYPES):
                 raise TypeError(
-                    f"Trace.events must hold Read/Write/DroppedEos/BlankRun/Finish, "
-                    f"got {type(e).__name__}"
+                    f"Trace.events must hold "
+                    f"{'/'.join(t.__name__ for t in _EVENT_TYPES)}, got {type(e).__name__}"
                 )
         object.__setattr__(self, "source_words", words)
         object.__setattr__(self, "events", events)
@@ -361,7 +361,8 @@ _EVENT_RECORD = {
     Read: "read", Write: "write", DroppedEos: "dropped_eos", BlankRun: "blank_run",
     Finish: "finish",
 }
-_RECORD_EVENT = {v: k for k, v in _EVENT_RECORD.items()}
+# The "record" name of each event class in JSON Lines, and back (verify reads with it).
+RECORD_EVENT = {v: k for k, v in _EVENT_RECORD.items()}
 
 
 def _event_record(e: Event, *, times: bool) -> dict[str, Any]:
@@ -413,12 +414,12 @@ def _parse(text: str) -> list[Trace]:
         kind = record.get("record")
         if kind == "trace":
             groups.append((line, []))
-        elif kind in _RECORD_EVENT:
+        elif kind in RECORD_EVENT:
             if not groups:
                 raise line.fail(f"expected a 'trace' header record first, got {kind!r}")
             groups[-1][1].append(line)
         else:
-            expected = ", ".join(repr(k) for k in ["trace", *_RECORD_EVENT])
+            expected = ", ".join(repr(k) for k in ["trace", *RECORD_EVENT])
             raise line.fail(f"expected 'record' to be one of {expected}, got {kind!r}")
     return [_build(header, events) for header, events in groups]
 
@@ -466,7 +467,7 @@ def _build(header: _Line, event_lines: list[_Line]) -> Trace:
 
 
 def _event(record: Mapping[str, Any]) -> Event:
-    cls = _RECORD_EVENT[record["record"]]
+    cls = RECORD_EVENT[record["record"]]
     names = {f.name for f in fields(cls)}
     keys = set(record) - {"record"}
     required = names - {"t"}

@@ -30,7 +30,17 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .trace import BlankRun, DroppedEos, Event, Finish, Read, Settings, Trace, Write
+from .trace import (
+    RECORD_EVENT,
+    BlankRun,
+    DroppedEos,
+    Event,
+    Finish,
+    Read,
+    Settings,
+    Trace,
+    Write,
+)
 
 EXIT_PASS = 0
 EXIT_VIOLATIONS = 1
@@ -41,7 +51,7 @@ _SOURCE_ENDED = ("eos", "max_tokens_per_word")
 # Finish reasons the decoder gives while trying to write a word.
 _AT_WRITE_ATTEMPT = ("eos", "early_eos", "max_tokens_per_word")
 # What may end a stream right after a dropped EOS or a blank run (else it reads on).
-_AFTER_DROPPED_EOS = ("max_new_words", "cancelled")
+_AFTER_FORCED_READ = ("max_new_words", "cancelled")
 
 
 class _Unset:
@@ -546,10 +556,10 @@ class _Replay:
             self.add(rule, f"{what} must be followed by a read (the decoder reads on) or by "
                      "the finish", event_index=j + 1, expected="read or finish",
                      actual=describe_event(after))
-        elif isinstance(after, Finish) and after.reason not in _AFTER_DROPPED_EOS:
+        elif isinstance(after, Finish) and after.reason not in _AFTER_FORCED_READ:
             self.add(rule, f"only a word limit or a cancel may end the translation right "
                      f"after {what} (the source had not ended)", event_index=j + 1,
-                     expected=" or ".join(_AFTER_DROPPED_EOS), actual=after.reason)
+                     expected=" or ".join(_AFTER_FORCED_READ), actual=after.reason)
 
     def on_finish(self, j: int, e: Finish, before: Event | None) -> None:
         reason = e.reason
@@ -736,12 +746,6 @@ def _groups(lines: list[str]) -> list[tuple[int, int, dict]]:
     return [(first, end, header) for (first, header), end in zip(starts, ends, strict=True)]
 
 
-_EVENT_CLASSES = {
-    "read": Read, "write": Write, "dropped_eos": DroppedEos, "blank_run": BlankRun,
-    "finish": Finish,
-}
-
-
 def _trace_of_group(lines: list[str], first: int, end: int, header: dict) -> Trace:
     # Blank lines in front keep trace.py's line numbers those of the file.
     def parse(header_line: str) -> Trace:
@@ -762,7 +766,7 @@ def _trace_of_group(lines: list[str], first: int, end: int, header: dict) -> Tra
 
 
 def _event(record: dict) -> Event:
-    cls = _EVENT_CLASSES[record["record"]]
+    cls = RECORD_EVENT[record["record"]]
     return cls(**{key: value for key, value in record.items() if key != "record"})
 
 
