@@ -8,8 +8,8 @@ after the last one (or it starts the script again, for a model that never stops)
 Whatever the source, the same target tokens come out, so these snapshots pin the
 decoder's schedule (wait-k over every small k x N), word boundaries, dropped EOS, blank
 runs, and the max_tokens_per_word / max_new_words limits, independently of any model's
-numerics. The layout cannot matter to such a model: every
-case is also run in the interleaved and reencode layouts and must give the same events.
+numerics. The layout cannot matter to such a model: every case is also run in the
+interleaved and reencode layouts and must give the same events.
 """
 
 from __future__ import annotations
