@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from simulref import blas
+from simulref.checks import parse_int
+from simulref.limits import MAX_POSITION
 from simulref.verify import add_verify_parser
 
 LAYOUTS = ("group", "interleaved", "reencode")
@@ -50,12 +52,9 @@ class _Parser(argparse.ArgumentParser):
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
+            return parse_int(text, minimum=minimum)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
@@ -65,15 +64,15 @@ non_negative_int = _int_at_least(0)
 
 
 def target_start(text: str) -> int | str:
+    """'auto' or a position >= 0 and below :data:`simulref.limits.MAX_POSITION` (a bound
+    that needs no model; the model's own context length is checked once it is loaded)."""
     if text == "auto":
         return "auto"
     try:
-        value = int(text)
+        return parse_int(text, minimum=0, maximum=MAX_POSITION)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer in [0, {MAX_POSITION}]"
+                                         f", got {text!r}") from None
 
 
 def non_negative_float(text: str) -> float:
@@ -204,6 +203,23 @@ def load_model(spec: str | None, dtype: str | None = None):
         return models.load(name, dtype)
     except (OSError, ValueError, models.DownloadError) as error:
         raise UsageError(f"--model {name}: {error}") from None
+
+
+def check_context(model, tokenizer, source, args, *, what: str = "TEXT") -> None:
+    """Refuse a run that cannot fit in the model's context (see :mod:`simulref.limits`),
+    before anything is decoded: a known source (a list of words) as a whole, and an
+    explicit --target-start; a live stream only for the latter."""
+    from simulref import limits
+
+    need = None
+    if isinstance(source, list):
+        need = limits.need_of(tokenizer, source, system=args.system)
+    try:
+        limits.check_fits(need, limits.context_length(model), target_start=args.target_start,
+                          assumed=limits.declared_context_length(model) is None)
+    except limits.ContextError as error:
+        argument = "--target-start" if error.argument == "target_start" else what
+        raise UsageError(f"{argument}: {error}") from None
 
 
 def model_name(spec: str | None) -> str:
@@ -338,8 +354,9 @@ def collect(events: Iterator, on_event: Callable | None = None) -> tuple[list, b
 def run_translate(args) -> int:
     from simulref.trace import Finish, Read, Trace, Write, render_compact
 
-    model, tokenizer = load_model(args.model, args.dtype)
     source = source_words(args.text)
+    model, tokenizer = load_model(args.model, args.dtype)
+    check_context(model, tokenizer, source, args)
     out = sys.stdout
     written = [0]
 
@@ -418,8 +435,9 @@ def run_watch(args) -> int:
         raise UsageError("--delay: only with a fixed TEXT (stdin sets its own pace)")
     if args.save is not None:
         _check_writable(args.save, "--save")
-    model, tokenizer = load_model(args.model, args.dtype)
     source = source_words(args.text)
+    model, tokenizer = load_model(args.model, args.dtype)
+    check_context(model, tokenizer, source, args)
     if args.delay:
         source = paced(source, args.delay)
     start = time.monotonic()
@@ -432,14 +450,36 @@ def run_watch(args) -> int:
     if args.save is not None:
         words = tuple(e.word for e in events if isinstance(e, Read))
         trace = Trace(trace_settings(args), words, tuple(events))
-        write_traces(args.save, [rebase_times(trace, start)])
+        save_trace(args.save, rebase_times(trace, start), "--save", write_traces)
     return EXIT_INTERRUPTED if interrupted else 0
 
 
 def _check_writable(path: str, option: str) -> None:
-    parent = Path(path).resolve().parent
+    """Refuse, before any model loads, an output file that cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option}: {path} is a directory; expected a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{option}: cannot write to {path} (not writable)")
+    parent = target.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"{option}: cannot write to {path} (no writable directory {parent})")
+
+
+def save_trace(path: str, trace, option: str, write: Callable) -> None:
+    """``write(path, [trace])``; when that fails late (the directory went away, the disk is
+    full), the finished trace goes to a fresh file in the temporary directory instead, and
+    the error names both, so that a translation is never lost to its last step."""
+    try:
+        write(path, [trace])
+    except OSError as error:
+        import tempfile
+
+        handle, rescue = tempfile.mkstemp(prefix="simulref-trace-", suffix=".jsonl")
+        os.close(handle)
+        write(rescue, [trace])
+        raise UsageError(f"{option}: cannot write to {path} ({error.strerror or error}); "
+                         f"the trace was saved to {rescue}") from None
 
 
 @command
@@ -502,14 +542,23 @@ def run_eval(args) -> int:
         "word_duration": args.word_duration,
     }
     try:
-        evaluate.check_out_dir(out, settings)
+        evaluate.check_out_dir(out, settings, write=False)  # written once the run starts
+        lock = evaluate.lock_out_dir(out)
     except evaluate.DataError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
         raise UsageError(f"--out {out}: cannot use it as the output directory "
                          f"({error.strerror or error})") from None
+    with lock:
+        return _evaluate(args, evaluate, pairs, out, settings, ks, layouts)
 
+
+def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
+    system_args = argparse.Namespace(system=settings["system"], target_start=args.target_start)
+    for pair in pairs:
+        check_context(model, tokenizer, pair.source.split(), system_args,
+                      what=f"{settings['data']}:{pair.line}")
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
@@ -533,6 +582,35 @@ def run_eval(args) -> int:
     return 0
 
 
+class PlainProgress:
+    """Progress for a log or a pipe (rich draws nothing without a terminal): one line on
+    ``write`` at the start of each run, then at most one every ``interval`` seconds of
+    ``clock``, and at the end of each run: sentences done, rate and time left."""
+
+    def __init__(self, write: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
+                 interval: float = 5.0):
+        self.write, self.clock, self.interval = write, clock, interval
+        self.spec = None
+        self.start = self.last = 0.0
+        self.first = 0
+
+    def __call__(self, spec, done: int, total: int) -> None:
+        now = self.clock()
+        label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+        if spec != self.spec:  # a new run; its first call gives the sentences resumed
+            self.spec, self.start, self.last, self.first = spec, now, now, done
+            self.write(f"simulref eval: {label}: {done}/{total} sentences")
+            return
+        if now - self.last < self.interval and done < total:
+            return
+        self.last = now
+        decoded, elapsed = done - self.first, now - self.start
+        rate = decoded / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "?"
+        self.write(f"simulref eval: {label}: {done}/{total} sentences, "
+                   f"{rate:.2f} sentences/s, eta {eta}")
+
+
 def _run_with_progress(job) -> list[dict]:
     from rich.console import Console
     from rich.progress import (
@@ -547,7 +625,10 @@ def _run_with_progress(job) -> list[dict]:
     columns = (TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     tasks: dict = {}
-    with Progress(*columns, console=Console(stderr=True)) as progress:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return job.run(PlainProgress(lambda line: print(line, file=sys.stderr, flush=True)))
+    with Progress(*columns, console=console) as progress:
         def on_progress(spec, done: int, total: int) -> None:
             if spec not in tasks:
                 label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
@@ -630,6 +711,8 @@ def run_trace(args) -> int:
         raise UsageError(f"{args.file}: cannot read ({error.strerror or error})") from None
     except (ValueError, TypeError) as error:
         raise UsageError(f"{args.file}: {error}") from None
+    if not traces:
+        raise UsageError(f"{args.file}: no trace in the file")
     for trace in traces:
         print(f"{trace.target_text}\n  {render_compact(trace)}")
     return 0
@@ -657,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _finish_defaults(args) -> None:
     """Defaults that depend on other options, and checks that span several options."""
+    system = getattr(args, "system", None)
+    if system is not None:
+        if not system.strip():
+            raise UsageError(f"--system: expected a non-empty instruction, got {system!r}")
+        args.system = system.strip()  # the prompt keeps the instruction exactly: no padding
     if getattr(args, "system", "unset") is None and args.command in ("translate", "watch"):
         args.system = _default_system()
     start = getattr(args, "target_start", "auto")

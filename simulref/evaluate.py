@@ -81,7 +81,8 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: a byte-order mark (some editors write one) is not part of the first word.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8") from None
@@ -214,9 +215,12 @@ def sha256_of(pairs: Iterable[Pair]) -> str:
     return digest.hexdigest()
 
 
-def check_out_dir(out: Path, settings: Mapping) -> None:
-    """Record ``settings`` in ``out/settings.json``, or check that the stored ones match
-    (reusing sentences decoded under other settings would mix two experiments)."""
+def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
+    """Record ``settings`` in ``out/settings.json`` (unless ``write`` is False), or check
+    that the stored ones match (reusing sentences decoded under other settings would mix
+    two experiments)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: cannot use it as the output directory (not a directory)")
     path = out / "settings.json"
     wanted = settings_fingerprint(settings)
     if path.exists():
@@ -233,7 +237,60 @@ def check_out_dir(out: Path, settings: Mapping) -> None:
                 f"--out {out} holds results of other settings ({diff}); use another --out"
             )
         return
-    write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+    if write:
+        write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+
+
+LOCK_FILE = ".lock"
+
+
+class OutDirLock:
+    """Holds ``out/.lock`` (an ``flock``, released by the kernel even when the process is
+    killed) while one ``simulref eval`` uses ``out``: a second one on the same directory
+    would decode every sentence again and interleave its appends. Creates ``out``; when
+    it created it and nothing but the lock is there at release (the run was refused or
+    failed before writing), removes it again, so a refused run leaves nothing behind."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / LOCK_FILE
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no guard
+            return
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            self.handle = None
+            self._remove_if_empty()
+            raise DataError(f"--out {out}: another simulref eval is using this directory; "
+                            "wait for it to finish or use another --out") from None
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock
+            self.handle = None
+        self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        if self.created and [p.name for p in self.out.iterdir()] in ([], [LOCK_FILE]):
+            self.path.unlink(missing_ok=True)
+            self.out.rmdir()
+
+    def __enter__(self) -> OutDirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_out_dir(out: Path) -> OutDirLock:
+    """:class:`OutDirLock` on ``out``; DataError when another eval holds it."""
+    return OutDirLock(out)
 
 
 # --- scores ------------------------------------------------------------------------------
@@ -328,6 +385,9 @@ class Evaluation:
             system=self.settings["system"], layout=spec.layout, target_start=self.target_start,
             max_tokens_per_word=self.max_tokens_per_word,
             stop_at_first_eos=self.stop_at_first_eos,
+            # The traces name the model as the user did (a preset or a path), as
+            # `simulref translate` does; the decoder alone would give its architecture.
+            model_id=self.settings["model"],
         )
         if spec.offline:
             return decoder.translate(self.model, self.tokenizer, source, policy=ReadAll(),

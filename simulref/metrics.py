@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from numbers import Real
 
+from simulref.checks import is_int
 from simulref.trace import Read, Trace, Write
 
 __all__ = [
@@ -258,7 +259,7 @@ def latency_scores(
     if reference_length is None:
         y = len(d)
     else:
-        if isinstance(reference_length, bool) or not isinstance(reference_length, int):
+        if not is_int(reference_length):
             raise TypeError(
                 f"reference_length must be an int or None, got {type(reference_length).__name__}"
             )

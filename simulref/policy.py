@@ -23,6 +23,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from simulref.checks import check_int, is_int
+
 
 class Action(enum.Enum):
     READ = "read"
@@ -34,11 +36,7 @@ WRITE = Action.WRITE
 
 
 def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 def _check_state(read, written, source_done, source_length) -> None:
@@ -71,10 +69,7 @@ class WaitK:
     k: int
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise TypeError(f"k: expected an int >= 1, got {self.k!r}")
-        if self.k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {self.k!r}")
+        check_int("k", self.k, minimum=1)
 
     @property
     def name(self) -> str:
@@ -115,7 +110,7 @@ class Scripted:
             raise TypeError(f"delays: expected a sequence of ints, got {self.delays!r}")
         delays = tuple(self.delays)
         for i, d in enumerate(delays):
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            if not is_int(d) or d < 1:
                 raise ValueError(f"delays[{i}]: expected an int >= 1, got {d!r}")
             if i and d < delays[i - 1]:
                 raise ValueError(f"delays: expected a non-decreasing sequence, got {delays!r}")

@@ -18,6 +18,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from simulref.checks import is_int
+
 DEFAULT_SYSTEM = "Translate the following English paragraph to French"
 
 SYSTEM_SLOT = "{system}"
@@ -193,7 +195,7 @@ class Template:
         Raises ``ValueError`` when the tokenizer encodes the word to no tokens (a vocabulary
         without some byte tokens drops those bytes), since every read must feed a token.
         """
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        if not is_int(index) or index < 0:
             raise ValueError(f"index: expected an int >= 0, got {index!r}")
         if self.encode is None:
             raise TypeError("Template.encode: this template was built without a tokenizer")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from simulref.checks import is_int
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -113,11 +115,11 @@ def successor_model(vocab_size: int, successors, default: int):
     ``update_and_fetch``), so a decoder drives it as it drives a real model. With it,
     schedules, word boundaries, EOS handling and limits can be tested with no
     floating-point decision."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+    if not is_int(vocab_size) or vocab_size < 1:
         raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
 
     def check(name: str, token) -> int:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        if not is_int(token) or not 0 <= token < vocab_size:
             raise ValueError(f"{name}: expected a token id in [0, {vocab_size}), got {token!r}")
         return token
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
+from .checks import check_int, is_int
 
 SCHEMA_VERSION = "simulref.trace/2"
 # Older versions this reader still accepts, with the event records each lacks.
@@ -29,11 +30,8 @@ FINISH_REASONS = (
 )
 
 
-def _check_index(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+def _check_index(owner: str, name: str, value: object, minimum: int = 0) -> None:
+    check_int(f"{owner}.{name}", value, minimum=minimum)
 
 
 def _check_str(owner: str, name: str, value: object) -> None:
@@ -46,7 +44,7 @@ def _token_tuple(owner: str, value: object) -> tuple[int, ...]:
         raise TypeError(f"{owner}.token_ids must be a sequence of ints, got {value!r}")
     ids = tuple(value)
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+        if not is_int(i) or i < 0:
             raise TypeError(f"{owner}.token_ids must hold ints >= 0, got {i!r}")
     return ids
 
@@ -189,9 +187,7 @@ class Settings:
                 )
             _check_index("Settings", "target_start", self.target_start)
         if self.max_tokens_per_word is not None:
-            _check_index("Settings", "max_tokens_per_word", self.max_tokens_per_word)
-            if self.max_tokens_per_word < 1:
-                raise ValueError("Settings.max_tokens_per_word must be >= 1 or None")
+            _check_index("Settings", "max_tokens_per_word", self.max_tokens_per_word, 1)
         if self.max_new_words is not None:
             _check_index("Settings", "max_new_words", self.max_new_words)
         if not isinstance(self.stop_at_first_eos, bool):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from .checks import check_int, is_int
 from .trace import (
     RECORD_EVENT,
     BlankRun,
@@ -193,17 +194,13 @@ def _int_tuple(name: str, value) -> tuple[int, ...]:
         raise TypeError(f"{name}: expected a sequence of ints, got {value!r}")
     out = tuple(value)
     for i, item in enumerate(out):
-        if isinstance(item, bool) or not isinstance(item, int):
+        if not is_int(item):
             raise TypeError(f"{name}[{i}]: expected an int, got {item!r}")
     return out
 
 
 def _check_k(value, name: str = "k") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
 def _words(value) -> tuple[str, ...]:
@@ -368,9 +365,10 @@ def check_schedule(delays, source_length: int, k: int) -> list[Violation]:
     source of ``source_length`` words: delay i must be ``min(k + i, N)``. One violation
     (rule ``schedule.wait_k``) per offending target index."""
     delays = _int_tuple("delays", delays)
-    if isinstance(source_length, bool) or not isinstance(source_length, int) \
-            or source_length < 0:
-        raise ValueError(f"source_length: expected an int >= 0, got {source_length!r}")
+    try:
+        check_int("source_length", source_length, minimum=0)
+    except TypeError as error:  # a ValueError here, as before the one checker
+        raise ValueError(str(error)) from None
     k = _check_k(k)
     out = []
     for i, delay in enumerate(delays):

@@ -165,7 +165,7 @@ def test_eval_writes_everything_and_resumes(gguf, capsys, tmp_path):
     assert results["settings"]["system"].endswith("to German")  # from the file name
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([
-        "progress", "results.json", "settings.json", "traces-group-k1.jsonl",
+        ".lock", "progress", "results.json", "settings.json", "traces-group-k1.jsonl",
         "traces-group-k2.jsonl", "traces-offline.jsonl", "quality-latency.png",
         "quality-latency.svg", "staircase.png", "staircase.svg"])
     assert len(read_traces(out / "traces-group-k2.jsonl")) == 2
@@ -240,8 +240,8 @@ ERRORS = [
     (["translate", "x", "-k", "0"], "argument -k/--k: expected an integer >= 1, got '0'"),
     (["translate", "x", "-k", "two"], "expected an integer >= 1, got 'two'"),
     (["watch", "x", "--layout", "diagonal"], "argument --layout: invalid choice: 'diagonal'"),
-    (["translate", "x", "--target-start", "-3"], "expected 'auto' or an integer >= 0"),
-    (["translate", "x", "--target-start", "soon"], "expected 'auto' or an integer >= 0"),
+    (["translate", "x", "--target-start", "-3"], "expected 'auto' or an integer in [0, "),
+    (["translate", "x", "--target-start", "soon"], "expected 'auto' or an integer in [0, "),
     (["translate", "x", "--target-start", "5", "--layout", "interleaved"],
      "--target-start 5: an explicit start applies to the group layout only"),
     (["translate", "x", "--model", "no-such-model"], "unknown model 'no-such-model'"),
@@ -410,3 +410,170 @@ def test_ctrl_c_in_a_terminal_exits_130_with_a_final_render(gguf):
         process.stdin.close()
         os.close(master)
     assert b"Traceback" not in screen
+
+
+# --- issue 14: the faults a new user hit ----------------------------------------------------
+
+BAD_SYSTEM = [
+    (["translate", "x", "--system", ""], "--system: expected a non-empty instruction, got ''"),
+    (["watch", "x", "--system", "   "], "--system: expected a non-empty instruction"),
+    (["eval", "--dataset", "postgres-en-fr", "--system", ""], "--system: expected a non-empty"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_SYSTEM, ids=[a[0] for a, _ in BAD_SYSTEM])
+def test_an_empty_instruction_is_refused_before_the_model_loads(argv, message, capsys,
+                                                                 monkeypatch, tmp_path):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == []  # eval made no output directory
+
+
+def test_surrounding_spaces_of_the_instruction_are_dropped(gguf, loaded, capsys):
+    expected = reference(loaded, system="Translate to German")
+    assert main(["translate", SENTENCE, "--model", gguf, "--system", " Translate to German ",
+                 "--json", *FAST]) == 0
+    (trace,) = read_traces(capsys.readouterr().out)
+    assert trace.settings.system == "Translate to German"
+    assert trace.without_times().events == expected.events
+
+
+def test_watch_save_into_a_directory_is_refused_before_the_model_loads(capsys, tmp_path):
+    # The model does not exist: had the model been loaded first, that would be the error.
+    assert main(["watch", "x", "--model", str(tmp_path / "absent.gguf"), "--save",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--save: {tmp_path} is a directory" in err
+
+
+def test_a_finished_trace_survives_a_failing_save(gguf, loaded, tmp_path):
+    from simulref.trace import write_traces
+
+    trace = reference(loaded)
+    calls = []
+
+    def flaky(path, traces):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        write_traces(path, traces)
+
+    with pytest.raises(cli.UsageError, match=r"No space left on device\); the trace was saved"
+                       ) as caught:
+        cli.save_trace(str(tmp_path / "t.jsonl"), trace, "--save", flaky)
+    rescue = Path(calls[1])
+    try:
+        assert str(rescue) in str(caught.value)
+        assert read_traces(rescue) == [trace]
+    finally:
+        rescue.unlink()
+
+
+@pytest.mark.parametrize(("start", "message"), [
+    (str(2**63), "expected 'auto' or an integer in [0, 2147483647], got '9223372036854775808'"),
+    (str(10**9), "--target-start: 1000000000 puts the target group at positions up to"),
+])
+def test_target_start_beyond_the_context_is_refused(gguf, capsys, start, message):
+    assert main(["translate", SENTENCE, "--model", gguf, "--target-start", start, *FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing decoded
+    assert captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_target_start_that_fits_is_accepted(gguf, loaded, capsys):
+    # The tiny GGUF declares a context of 2048 tokens; 2048 - guard(5 words) = 2028.
+    assert main(["translate", SENTENCE, "--model", gguf, "--target-start", "2028",
+                 "--json", *FAST]) == 0
+    assert main(["translate", SENTENCE, "--model", gguf, "--target-start", "2029",
+                 "--json", *FAST]) == 2
+    assert "expected at most 2028" in capsys.readouterr().err
+
+
+LONG = " ".join(["word"] * 700)  # ~700 prompt tokens + a 1410-word guard > 2048
+
+
+@pytest.mark.parametrize("command", ["translate", "watch"])
+def test_a_known_source_that_cannot_fit_is_refused_up_front(gguf, capsys, command):
+    assert main([command, LONG, "--model", gguf, *FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "TEXT: the source needs at least" in captured.err
+    assert "the model's context of 2048 tokens" in captured.err
+
+
+def test_eval_refuses_a_sentence_that_cannot_fit_and_leaves_nothing(gguf, capsys, tmp_path):
+    data = tmp_path / "long.tsv"
+    data.write_text(f"short one\tcourt\n{LONG}\tmot\n")
+    out = tmp_path / "out"
+    assert main(["eval", str(data), "--model", gguf, "-k", "1", "--out", str(out),
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{data}:2: the source needs at least" in err
+    assert not out.exists()
+
+
+def test_eval_progress_without_a_terminal(gguf, capsys, tmp_path):
+    data = tmp_path / "dev.tsv"
+    data.write_text(TSV)
+    assert main(["eval", str(data), "--model", gguf, "-k", "1", "--no-offline",
+                 "--out", str(tmp_path / "out"), *FAST]) == 0
+    err = capsys.readouterr().err.splitlines()  # capsys: stderr is no terminal
+    assert err[0] == "simulref eval: group k=1: 0/2 sentences"
+    assert err[-1].startswith("simulref eval: group k=1: 2/2 sentences, ")
+    assert "sentences/s, eta 0 s" in err[-1]
+
+
+def test_plain_progress_prints_every_interval_and_at_the_end():
+    from simulref.evaluate import RunSpec
+
+    lines, now = [], [0.0]
+    progress = cli.PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
+    spec = RunSpec("group", 3)
+    progress(spec, 2, 10)  # two sentences resumed from an earlier run
+    for t, done in ((1.0, 3), (4.0, 4), (6.0, 5), (7.0, 6), (12.0, 10)):
+        now[0] = t
+        progress(spec, done, 10)
+    assert lines == [
+        "simulref eval: group k=3: 2/10 sentences",
+        "simulref eval: group k=3: 5/10 sentences, 0.50 sentences/s, eta 10 s",
+        "simulref eval: group k=3: 10/10 sentences, 0.67 sentences/s, eta 0 s",
+    ]
+
+
+def test_trace_of_an_empty_file_is_a_user_error(capsys, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["trace", str(tmp_path / "empty.jsonl")]) == 2
+    assert capsys.readouterr().err == (
+        f"simulref: error: {tmp_path / 'empty.jsonl'}: no trace in the file\n")
+
+
+def test_a_second_eval_on_the_same_out_is_refused(gguf, capsys, tmp_path):
+    from simulref import evaluate
+
+    data = tmp_path / "dev.tsv"
+    data.write_text(TSV)
+    out = tmp_path / "out"
+    with evaluate.lock_out_dir(out):  # the first eval, still running
+        assert main(["eval", str(data), "--model", gguf, "-k", "1", "--out", str(out),
+                     *FAST]) == 2
+        assert "another simulref eval is using this directory" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    assert not out.exists()  # the first one wrote nothing: it leaves nothing behind
+
+
+def test_eval_traces_name_the_model_as_given(gguf, tmp_path):
+    data = tmp_path / "dev.tsv"
+    data.write_bytes("\ufeff".encode() + TSV.encode())  # with a byte-order mark
+    out = tmp_path / "out"
+    assert main(["eval", str(data), "--model", gguf, "-k", "1", "--no-offline",
+                 "--out", str(out), *FAST]) == 0
+    traces = read_traces(out / "traces-group-k1.jsonl")
+    assert {t.settings.model for t in traces} == {gguf}
+    assert traces[0].source_words[0] == "The"

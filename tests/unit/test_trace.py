@@ -250,8 +250,8 @@ def test_schema_1_files_still_read():
         (_edit(1, settings={"model": "m", "k": 1, "layout": "g", "system": "", "kk": 1}), 1,
          "unknown settings key"),
         (_edit(1, source_words="The quick"), 1, "source_words"),
-        (_edit(2, source_index="0"), 2, "source_index must be an int"),
-        (_edit(2, source_index=True), 2, "source_index must be an int"),
+        (_edit(2, source_index="0"), 2, "source_index: expected an int >= 0"),
+        (_edit(2, source_index=True), 2, "source_index: expected an int >= 0"),
         (_edit(2, token_ids=5), 2, "token_ids"),
         (_edit(2, token_ids=[1, -2]), 2, "token_ids"),
         (_edit(2, word=_DROP), 2, "missing ['word']"),
@@ -292,10 +292,10 @@ def test_from_jsonl_wants_exactly_one_trace():
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda: Read(-1, "a", (1,)), ValueError, "source_index must be >= 0"),
+        (lambda: Read(-1, "a", (1,)), ValueError, "source_index: expected an int >= 0, got -1"),
         (lambda: Read(0, "a", "12"), TypeError, "token_ids"),
         (lambda: Read(0, 5, (1,)), TypeError, "Read.word must be a str"),
-        (lambda: Write(True, "a", (1,)), TypeError, "target_index must be an int"),
+        (lambda: Write(True, "a", (1,)), TypeError, "target_index: expected an int >= 0, got True"),
         (lambda: Write(0, "a", (1,), float("nan")), ValueError, "finite"),
         (lambda: Finish("done"), ValueError, "Finish.reason must be one of"),
         (lambda: DroppedEos(0, "1"), TypeError, "DroppedEos.t"),
