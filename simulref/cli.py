@@ -674,10 +674,16 @@ def run_models(args) -> int:
         table.add_row(row["name"] + (" (default)" if row["default"] else ""),
                       "yes" if row["cached"] else "no", _size(row["size"]),
                       row["description"])
+    from simulref import download
+
     console = Console()
     console.print(table)
-    console.print(f"cache: {models.cache_dir()} (set SIMULREF_HOME to move it)",
-                  soft_wrap=True)
+    directory = models.cache_dir()
+    freed = download.clean_stale_downloads(directory)
+    if freed:
+        console.print(f"removed {_size(freed)} left by interrupted downloads")
+    size = _size(download.cache_size(directory)) or "empty"
+    console.print(f"cache: {directory} ({size}; set SIMULREF_HOME to move it)", soft_wrap=True)
     console.print("--model also takes a GGUF file, an mlx-lm model directory or a repo "
                   "name (org/name).", soft_wrap=True)
     return 0

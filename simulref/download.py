@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,100 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simulref"
 
 
+# Inside a download's scratch directory: a file held under flock while the download
+# runs, so that a later run can tell a live download from one that was killed.
+_OWNER = "owner.lock"
+_YOUNG_SECONDS = 600
+
+
+def _scratch_prefixes() -> tuple[str, ...]:
+    return tuple(f".{preset.filename}." for preset in PRESETS.values())
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for item in path.rglob("*"):
+        try:
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+        except OSError:  # removed while we looked
+            pass
+    return total
+
+
+def _held(directory: Path) -> bool:
+    """Whether a running download holds ``directory`` (its owner file is locked)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: assume it may be in use
+        return True
+    owner = directory / _OWNER
+    if not owner.is_file():
+        # Killed before it took the lock, left by an older simulref, or a download that
+        # is just starting (mkdtemp, then the lock): only the last one is young.
+        try:
+            return time.time() - directory.stat().st_mtime < _YOUNG_SECONDS
+        except OSError:
+            return True
+    try:
+        with open(owner, "a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return True
+
+
+def stale_downloads(directory: str | Path | None = None) -> list[Path]:
+    """Scratch directories of downloads that no longer run (killed, e.g. by SIGKILL,
+    before their cleanup could run), in ``directory`` (default: the cache)."""
+    directory = Path(directory) if directory is not None else cache_dir()
+    if not directory.is_dir():
+        return []
+    prefixes = _scratch_prefixes()
+    return sorted(item for item in directory.iterdir()
+                  if item.name.startswith(prefixes) and item.is_dir() and not _held(item))
+
+
+def clean_stale_downloads(directory: str | Path | None = None) -> int:
+    """Remove :func:`stale_downloads`; returns the bytes freed."""
+    freed = 0
+    for item in stale_downloads(directory):
+        freed += _tree_size(item)
+        shutil.rmtree(item, ignore_errors=True)
+    return freed
+
+
+def cache_size(directory: str | Path | None = None) -> int:
+    """Bytes of all files in the cache directory (0 when there is none)."""
+    directory = Path(directory) if directory is not None else cache_dir()
+    return _tree_size(directory) if directory.is_dir() else 0
+
+
+def _make_cache_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        origin = "SIMULREF_HOME" if os.environ.get("SIMULREF_HOME") else "the cache directory"
+        raise DownloadError(f"{origin} {directory}: exists but is not a directory; point "
+                            "SIMULREF_HOME at a directory") from None
+
+
+def _hold(scratch: Path):
+    """Lock ``scratch``'s owner file for as long as the returned handle stays open."""
+    handle = open(scratch / _OWNER, "w")  # noqa: SIM115 - closed by fetch's finally
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except ImportError:
+        pass
+    return handle
+
+
 def _say(message: str) -> None:
     print(f"simulref: {message}", file=sys.stderr, flush=True)
 
@@ -205,8 +300,12 @@ def fetch(
         wheelhouse = os.environ.get("SIMULREF_WHEELHOUSE") or None
     quiet = not sys.stderr.isatty() if quiet is None else quiet
 
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_cache_dir(directory)
+    freed = clean_stale_downloads(directory)  # what killed downloads left behind
+    if freed and not quiet:
+        _say(f"removed {freed / 2**20:.0f} MiB left by an interrupted download")
     scratch = Path(tempfile.mkdtemp(prefix=f".{preset.filename}.", dir=directory))
+    owner = _hold(scratch)
     try:
         assembled = scratch / preset.filename
         digest = hashlib.sha256()
@@ -234,4 +333,5 @@ def fetch(
             _say(f"{preset.name}: verified and cached at {target}")
         return target
     finally:
+        owner.close()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -92,11 +92,12 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
     FileNotFoundError for a missing path; :class:`DownloadError` when a preset or a repo
     cannot be fetched.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)) or str(name_or_path) == "":
-        raise TypeError(
-            "name_or_path: expected a preset name, a GGUF file, an mlx-lm model directory "
-            f"or a repo name, got {name_or_path!r}"
-        )
+    expected = ("name_or_path: expected a preset name, a GGUF file, an mlx-lm model "
+                f"directory or a repo name, got {name_or_path!r}")
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(expected)
+    if not os.fspath(name_or_path).strip():  # the right type, a wrong value
+        raise ValueError(expected)
     dtype = _check_dtype(dtype)
     from simulref.gguf import load_gguf
 

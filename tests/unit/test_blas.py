@@ -232,3 +232,36 @@ def test_module_runs_a_command_with_the_preload():
     expected = library if sys.platform.startswith("linux") else ""
     assert out.stdout.splitlines() == [f"LD_PRELOAD={expected}"]
     assert "simulref.blas:" in out.stderr
+
+
+# ---------------------------------------------------------------- issue 14: say it once
+
+
+def test_no_openblas_warns_with_the_fix_and_the_factor():
+    d = decide(exists=lambda p: False)
+    assert d.library is None
+    assert blas.INSTALL_HINT in d.warning and "prefill ~10x" in d.warning
+    assert f"{blas.ENV_SWITCH}=0 hides this" in d.warning
+
+
+def test_a_bad_path_warns():
+    d = decide(environ={blas.ENV_SWITCH: "/nope.so"}, exists=lambda p: False)
+    assert d.library is None and d.warning.startswith(f"simulref: {blas.ENV_SWITCH}=/nope.so: "
+                                                      "no such file")
+
+
+@given(system=systems, machine=machines, switch=switches, preload=other_preloads,
+       exists=st.booleans())
+def test_a_warning_only_when_the_slow_blas_stays(system, machine, switch, preload, exists):
+    d = decide(system, machine, environ_of(switch, preload), lambda p: exists)
+    if d.warning is not None:
+        assert d.library is None and system == "linux"
+        assert (switch or "").strip().lower() not in blas.OFF_VALUES
+
+
+def test_the_command_warns_once_on_a_bad_path_and_not_when_turned_off():
+    code = "from simulref.blas import reexec_with_openblas; reexec_with_openblas()"
+    lines = _run(code, "/nope.so").stderr.splitlines()
+    if sys.platform.startswith("linux"):
+        assert len(lines) == 1 and "/nope.so: no such file" in lines[0]
+    assert _run(code, "0").stderr == ""

