@@ -389,7 +389,28 @@ class _Line:
         return ValueError(f"line {self.number}: {what}")
 
 
+@dataclass(frozen=True)
+class HeaderDisagreement:
+    """A derived field of a trace header (``target_words``, ``delays`` or
+    ``finish_reason``) that says something else than the trace's events: ``header`` is
+    what the header claims, ``events`` what the events give; ``line`` the header's 1-based
+    line number."""
+
+    key: str
+    header: Any
+    events: Any
+    line: int
+
+    def __str__(self) -> str:
+        return (f"line {self.line}: header {self.key} {self.header!r} disagrees with the "
+                f"events, which give {self.events!r}")
+
+
 def _parse(text: str) -> list[Trace]:
+    return [trace for trace, _ in _parse_groups(text, lenient=False)]
+
+
+def _parse_groups(text: str, *, lenient: bool) -> list[tuple[Trace, list[HeaderDisagreement]]]:
     if not isinstance(text, str):
         raise TypeError(f"expected JSON Lines text (str), got {type(text).__name__}")
     groups: list[tuple[_Line, list[_Line]]] = []
@@ -417,10 +438,11 @@ def _parse(text: str) -> list[Trace]:
         else:
             expected = ", ".join(repr(k) for k in ["trace", *RECORD_EVENT])
             raise line.fail(f"expected 'record' to be one of {expected}, got {kind!r}")
-    return [_build(header, events) for header, events in groups]
+    return [_build(header, events, lenient) for header, events in groups]
 
 
-def _build(header: _Line, event_lines: list[_Line]) -> Trace:
+def _build(header: _Line, event_lines: list[_Line],
+           lenient: bool) -> tuple[Trace, list[HeaderDisagreement]]:
     h = header.record
     missing = sorted(_HEADER_KEYS - set(h))
     if missing:
@@ -454,12 +476,11 @@ def _build(header: _Line, event_lines: list[_Line]) -> Trace:
         "delays": list(trace.delays),
         "finish_reason": trace.finish_reason,
     }
-    for key, value in derived.items():
-        if h[key] != value:
-            raise header.fail(
-                f"header {key} {h[key]!r} disagrees with the events, which give {value!r}"
-            )
-    return trace
+    disagreements = [HeaderDisagreement(key, h[key], value, header.number)
+                     for key, value in derived.items() if h[key] != value]
+    if disagreements and not lenient:
+        raise ValueError(str(disagreements[0]))
+    return trace, disagreements
 
 
 def _event(record: Mapping[str, Any]) -> Event:
@@ -487,13 +508,26 @@ def read_traces(source: str | os.PathLike[str]) -> list[Trace]:
 
     A ``str`` that is blank, holds a newline or starts with ``{`` is taken as text; any
     other str or path-like as a file name."""
+    return _parse(_text_of(source))
+
+
+def _text_of(source: str | os.PathLike[str]) -> str:
     if isinstance(source, str) and (
         not source.strip() or "\n" in source or source.lstrip().startswith("{")
     ):
-        return _parse(source)
+        return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"read_traces expects a path or JSON Lines text, got {source!r}")
-    return _parse(Path(source).read_text(encoding="utf-8"))
+    return Path(source).read_text(encoding="utf-8")
+
+
+def read_traces_lenient(
+        source: str | os.PathLike[str]) -> list[tuple[Trace, list[HeaderDisagreement]]]:
+    """:func:`read_traces`, but a header whose derived fields (``target_words``,
+    ``delays``, ``finish_reason``) disagree with its events is no error: each trace comes
+    with its :class:`HeaderDisagreement` list (empty when the header is right). Everything
+    else is read as strictly (``simulref.verify`` reports the disagreements)."""
+    return _parse_groups(_text_of(source), lenient=True)
 
 
 def write_traces(path: str | os.PathLike[str], traces: Iterable[Trace], *,

@@ -12,40 +12,36 @@ held against simulref without sharing any code: emit traces in the JSON Lines fo
   source word alone in its own segment, no source in the end-of-turn suffix),
 - :func:`check_schedule` checks a list of delays against wait-k,
 
-and ``simulref verify TRACE.jsonl [-k K] [--against REF.jsonl]`` does the same from the
-command line (see docs/verify.md). Checks return lists of :class:`Violation` (empty: all
-good) rather than raising, so that every problem of a broken trace is reported at once.
+and ``simulref verify TRACE.jsonl [-k K] [--against REF.jsonl]`` (``simulref.cli``) does
+the same from the command line (see docs/verify.md). Checks return lists of
+:class:`Violation` (empty: all good) rather than raising, so that every problem of a broken
+trace is reported at once.
 
 Pure: no MLX.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .checks import check_int, is_int
 from .trace import (
-    RECORD_EVENT,
     BlankRun,
     DroppedEos,
     Event,
     Finish,
+    HeaderDisagreement,
     Read,
     Settings,
     Trace,
     Write,
+    read_traces_lenient,
 )
-
-EXIT_PASS = 0
-EXIT_VIOLATIONS = 1
-EXIT_UNREADABLE = 2
 
 # Finish reasons that say the whole source was read.
 _SOURCE_ENDED = ("eos", "max_tokens_per_word")
@@ -414,7 +410,21 @@ def check_trace(trace: Trace, k: int | None = None) -> list[Violation]:
             out.append(Violation("trace.source_word", "a source word must be non-empty and "
                                  "hold no whitespace", source_index=i, actual=word))
     out += _check_finish_events(trace)
+    out += _check_times(trace)
     out += _Replay(trace, k).run()
+    return out
+
+
+def _check_times(trace: Trace) -> list[Violation]:
+    """Event times come from a monotonic clock: they never go backwards (equal times are
+    fine: a trace stored without times has them all 0)."""
+    out = []
+    for j in range(1, len(trace.events)):
+        before, t = trace.events[j - 1].t, trace.events[j].t
+        if t < before:
+            out.append(Violation("trace.time_order", "event times must not go backwards "
+                                 "(they come from a monotonic clock)", event_index=j,
+                                 expected=Bound(">=", before), actual=t))
     return out
 
 
@@ -704,159 +714,18 @@ def _how_events_differ(a: Event | None, b: Event | None) -> str:
 
 def load_traces(path) -> list[tuple[Trace, list[Violation]]]:
     """The traces in a JSON Lines file, each with the violations of its header's derived
-    fields (``target_words``, ``delays``, ``finish_reason``).
+    fields (``target_words``, ``delays``, ``finish_reason``; rule ``trace.header``).
 
     :func:`simulref.trace.read_traces` refuses a header that disagrees with its events; a
-    verifier reports that as a violation instead, and reads everything else just as
+    verifier reports that as a violation instead (the trace parser's lenient mode,
+    :func:`simulref.trace.read_traces_lenient`), and reads everything else just as
     strictly. Raises ``OSError`` for an unreadable file and ``ValueError`` (with the line
     number) for malformed JSON Lines.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")  # as trace.py does: U+2028 and friends stay inside strings
-    out = []
-    for first, last, header in _groups(lines):
-        trace = _trace_of_group(lines, first, last, header)
-        out.append((trace, check_header(header, trace)))
-    return out
+    return [(trace, [_header_violation(d) for d in disagreements])
+            for trace, disagreements in read_traces_lenient(Path(path))]
 
 
-def _groups(lines: list[str]) -> list[tuple[int, int, dict]]:
-    """(first line index, end line index, header record) of each trace in the file."""
-    starts: list[tuple[int, dict]] = []
-    for index, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"line {index + 1}: invalid JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"line {index + 1}: expected a JSON object, got "
-                             f"{type(record).__name__}")
-        if record.get("record") == "trace":
-            starts.append((index, record))
-        elif not starts:
-            raise ValueError(f"line {index + 1}: expected a 'trace' header record first, "
-                             f"got {record.get('record')!r}")
-    if not starts:
-        return []
-    ends = [index for index, _ in starts[1:]] + [len(lines)]
-    return [(first, end, header) for (first, header), end in zip(starts, ends, strict=True)]
-
-
-def _trace_of_group(lines: list[str], first: int, end: int, header: dict) -> Trace:
-    # Blank lines in front keep trace.py's line numbers those of the file.
-    def parse(header_line: str) -> Trace:
-        text = "\n" * first + "\n".join([header_line, *lines[first + 1:end]])
-        return Trace.from_jsonl(text)
-
-    try:
-        events = tuple(_event(json.loads(raw)) for raw in lines[first + 1:end] if raw.strip())
-    except (TypeError, ValueError, KeyError):
-        return parse(lines[first])  # a bad event: let trace.py say where and why
-    probe = Trace(Settings(model="", k=None, layout="-", system=""), (), events)
-    fixed = dict(header)
-    for key, value in (("target_words", list(probe.target_words)),
-                       ("delays", list(probe.delays)), ("finish_reason", probe.finish_reason)):
-        if key in fixed:
-            fixed[key] = value
-    return parse(json.dumps(fixed, sort_keys=True, ensure_ascii=False))
-
-
-def _event(record: dict) -> Event:
-    cls = RECORD_EVENT[record["record"]]
-    return cls(**{key: value for key, value in record.items() if key != "record"})
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def run_verify_cli(trace_path, k: int | None = None, against=None,
-                   out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """``simulref verify``: check every trace in ``trace_path`` (and compare it with the
-    trace at the same position in ``against``). Prints one line per trace and per problem
-    to ``out`` (default stdout); an unreadable file is one line on ``err`` (default
-    stderr). Returns 0 when everything passes, 1 on violations or divergences, 2 when an
-    input cannot be read."""
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    if k is not None:
-        k = _check_k(k)
-    loaded = _load_for_cli(trace_path, err)
-    if loaded is None:
-        return EXIT_UNREADABLE
-    references = None
-    if against is not None:
-        references = _load_for_cli(against, err)
-        if references is None:
-            return EXIT_UNREADABLE
-    failed = 0
-    if references is not None and len(references) != len(loaded):
-        failed += 1
-        print(f"FAIL: {against} holds {len(references)} trace(s), {trace_path} holds "
-              f"{len(loaded)}", file=out)
-    for index, (trace, problems) in enumerate(loaded):
-        problems = problems + check_trace(trace, k)
-        divergence = None
-        if references is not None and index < len(references):
-            divergence = compare_traces(references[index][0], trace)
-        if not problems and divergence is None:
-            print(f"trace {index}: PASS", file=out)
-            continue
-        failed += 1
-        print(f"trace {index}: FAIL", file=out)
-        for problem in problems:
-            print(f"  {problem}", file=out)
-        if divergence is not None:
-            print("  " + str(divergence).replace("\n", "\n  "), file=out)
-    if failed:
-        print(f"FAIL ({failed} of {len(loaded)} trace(s))", file=out)
-        return EXIT_VIOLATIONS
-    print(f"PASS ({len(loaded)} trace(s))", file=out)
-    return EXIT_PASS
-
-
-def _load_for_cli(path, err: TextIO) -> list[tuple[Trace, list[Violation]]] | None:
-    try:
-        loaded = load_traces(path)
-    except OSError as error:
-        print(f"simulref verify: {path}: cannot read ({error.strerror or error})", file=err)
-        return None
-    except (ValueError, TypeError) as error:  # UnicodeDecodeError is a ValueError
-        print(f"simulref verify: {path}: {error}", file=err)
-        return None
-    if not loaded:
-        print(f"simulref verify: {path}: no trace in the file", file=err)
-        return None
-    return loaded
-
-
-def _lag(text: str) -> int:
-    try:
-        return _check_k(int(text))
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-
-
-def _run_args(args: argparse.Namespace) -> int:
-    return run_verify_cli(args.trace, k=args.k, against=args.against)
-
-
-def add_verify_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``simulref verify`` on an argparse ``subparsers`` object; the parsed
-    namespace's ``run(args)`` runs it and returns the exit code."""
-    p = subparsers.add_parser(
-        "verify", help="check traces against the reference's rules (and a reference trace)",
-        description="Check each trace in TRACE.jsonl: reads in order and matching the "
-                    "source, writes in order and never before wait-k allows, one final "
-                    "finish. With --against, also report the first event where each trace "
-                    "differs from the trace at the same position in REF.jsonl. Exit code: "
-                    "0 pass, 1 violations, 2 unreadable input.")
-    p.add_argument("trace", metavar="TRACE.jsonl", help="traces in simulref's JSON Lines format")
-    p.add_argument("-k", "--k", dest="k", type=_lag, default=None, metavar="K",
-                   help="wait-k lag to check the schedule against (default: each trace's "
-                        "settings.k; none: no schedule check)")
-    p.add_argument("--against", metavar="REF.jsonl", default=None,
-                   help="reference traces to compare with, position by position")
-    p.set_defaults(run=_run_args)
-    return p
+def _header_violation(disagreement: HeaderDisagreement) -> Violation:
+    return Violation("trace.header", f"header {disagreement.key} disagrees with the events",
+                     expected=disagreement.events, actual=disagreement.header)

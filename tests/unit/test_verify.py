@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from simulref.cli import add_verify_parser, run_verify_cli
 from simulref.policy import READ, Scripted, WaitK, schedule
 from simulref.prompt import DEFAULT_SYSTEM, ChatFormat, assemble
 from simulref.testing import tiny_tokenizer
@@ -34,14 +35,12 @@ from simulref.verify import (
     Bound,
     Divergence,
     Violation,
-    add_verify_parser,
     check_header,
     check_prompt,
     check_schedule,
     check_trace,
     compare_traces,
     load_traces,
-    run_verify_cli,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,7 +235,7 @@ def simulate(words, k, n_targets, *, eos_at=(), worded=(), blank_at=(), max_new_
             break
         done = read == n
         if not done and (force or policy.decide(read, written, False, n) is READ):
-            events.append(Read(read, words[read], (100 + read,), t=0.1 * len(events)))
+            events.append(Read(read, words[read], (100 + read,)))
             read, force = read + 1, False
             continue
         attempt, attempts = attempts, attempts + 1
@@ -261,6 +260,7 @@ def simulate(words, k, n_targets, *, eos_at=(), worded=(), blank_at=(), max_new_
         events.append(DroppedEos(read - 1))
         force = True
     source = tuple(e.word for e in events if isinstance(e, Read)) if truncate else tuple(words)
+    events = [dataclasses.replace(e, t=0.1 * j) for j, e in enumerate(events)]  # a clock
     return Trace(Settings(model="sim", k=k, layout="group", system="S",
                           max_tokens_per_word=2, max_new_words=max_new_words,
                           stop_at_first_eos=stop_at_first_eos),
@@ -675,7 +675,7 @@ def test_cli_reports_a_header_that_disagrees_with_its_events(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read"),
-    ("{not json\n", "line 1: invalid JSON"),
+    ("{not json\n", "line 1: expected a JSON object, got invalid JSON"),
     ('{"record": "read", "source_index": 0, "word": "a", "token_ids": [1]}\n',
      "line 1: expected a 'trace' header"),
     ("", "no trace"),
@@ -874,3 +874,25 @@ if importlib.util.find_spec("jsonschema") is not None:
         broken = json.loads(texts[0].splitlines()[1])
         broken["source_index"] = -1
         assert not validator.is_valid(broken)
+
+
+def test_event_times_that_go_backwards_are_a_violation():
+    timed = [dataclasses.replace(e, t=float(j)) for j, e in enumerate(GOOD)]
+    assert check_trace(hand(timed)) == []
+    timed[4] = dataclasses.replace(timed[4], t=1.5)  # after 3.0
+    found = [v for v in check_trace(hand(timed)) if v.rule == "trace.time_order"]
+    assert [(v.event_index, v.actual) for v in found] == [(4, 1.5)]
+    assert str(found[0].expected) == ">= 3.0"
+    assert check_trace(hand(GOOD)) == []  # all times 0: no order to break
+
+
+def test_lenient_reader_returns_header_disagreements_as_data(tmp_path):
+    from simulref.trace import HeaderDisagreement, read_traces_lenient
+
+    lines = hand(GOOD).to_jsonl().splitlines()
+    header = json.loads(lines[0])
+    header["finish_reason"] = "cancelled"
+    text = hand(GOOD).to_jsonl() + "\n".join([json.dumps(header), *lines[1:]]) + "\n"
+    [(first, none), (second, found)] = read_traces_lenient(text)
+    assert first == second == hand(GOOD) and none == []
+    assert found == [HeaderDisagreement("finish_reason", "cancelled", "eos", len(lines) + 1)]
