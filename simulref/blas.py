@@ -19,10 +19,14 @@ Environment:
     preload the Debian library when it is installed. A path: preload that library.
 
 The decision is the pure function :func:`decide`; this module imports nothing heavy.
+
+Exit: :func:`register_drain_at_exit` (``simulref.load`` calls it) makes the process wait
+for MLX work still in flight before it exits; see :func:`drain_mlx` for why.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import sys
@@ -184,6 +188,41 @@ def reexec_with_openblas() -> None:
         os.execve(sys.executable, argv, preload_env(os.environ, decision.library))
     except OSError:
         return  # could not restart: go on with the wheel's BLAS
+
+
+def drain_mlx() -> None:
+    """Wait for MLX work still in flight (an ``mx.async_eval`` nobody waited for), if MLX
+    is loaded.
+
+    Why: a process that exits while MLX's CPU thread is inside an OpenBLAS call races
+    OpenBLAS's exit-time shutdown (``gotoblas_quit`` -> ``blas_thread_shutdown_``, an ELF
+    destructor): shutdown marks each worker's queue slot "exit", the worker still running
+    MLX's call then clears the slot and goes back to sleep, and the main thread waits in
+    ``pthread_join`` forever. gdb on a hung run shows exactly that (main thread in
+    ``pthread_join`` under ``gotoblas_quit``, the worker in ``pthread_cond_wait``). The
+    decoder's last forward is such work: a speculative next step, ``async_eval``'d and
+    never needed once the translation ends. Measured with ``tests/bench/exit_hang.py``
+    (docs/performance.md): a process that exits with a matmul chain in flight hung in 23
+    of 40 runs before, in none after."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return
+    try:
+        mx.synchronize()
+    except Exception:  # noqa: BLE001 - never let the exit path raise
+        pass
+
+
+_drain_registered = False
+
+
+def register_drain_at_exit() -> None:
+    """Run :func:`drain_mlx` at interpreter exit (once, however often called). Python's
+    atexit handlers run before the C library's destructors, so the drain comes first."""
+    global _drain_registered
+    if not _drain_registered:
+        atexit.register(drain_mlx)
+        _drain_registered = True
 
 
 def run_with_openblas(command: Sequence[str]) -> int:

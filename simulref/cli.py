@@ -32,6 +32,7 @@ WATCH_MODES = ("live", "side-by-side", "trace")
 DTYPES = ("float32", "bfloat16", "float16", "quantized")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
@@ -188,6 +189,22 @@ def source_words(text: str | None, stdin=None) -> Iterable[str]:
     if not words:
         raise UsageError("TEXT: expected at least one word")
     return words
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def stdout_console(**options):
+    """A rich Console for stdout whose reader going away (``simulref ... | head``) raises
+    BrokenPipeError like a plain print does, so that every subcommand ends the same way
+    (exit 141, see :func:`main`); rich's own handling exits with status 1."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    return _Console(**options)
 
 
 # --- models ------------------------------------------------------------------------------
@@ -425,8 +442,6 @@ def watch(events: Iterator, arrivals: Arrivals, view: Callable, console) -> tupl
 
 
 def run_watch(args) -> int:
-    from rich.console import Console
-
     from simulref.trace import Read, Trace, write_traces
     from simulref.views import VIEWS, trace_view
 
@@ -445,7 +460,7 @@ def run_watch(args) -> int:
     if view is trace_view:
         view = functools.partial(trace_view, t0=start)
     events, interrupted = watch(stream_events(args, arrivals, model, tokenizer), arrivals,
-                                view, Console())
+                                view, stdout_console())
     if args.save is not None:
         words = tuple(e.word for e in events if isinstance(e, Read))
         trace = Trace(trace_settings(args), words, tuple(events))
@@ -571,9 +586,7 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts) -> 
         print(f"simulref eval: interrupted; rerun with --out {out} to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
-    from rich.console import Console
-
-    console = Console()
+    console = stdout_console()
     console.print(evaluate.results_table(summaries))
     console.print(f"results: {out / 'results.json'}")
     for plot in plots:
@@ -659,7 +672,6 @@ def preset_rows() -> list[dict]:
 
 
 def run_models(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from simulref import models
@@ -675,7 +687,7 @@ def run_models(args) -> int:
                       row["description"])
     from simulref import download
 
-    console = Console()
+    console = stdout_console()
     console.print(table)
     directory = models.cache_dir()
     freed = download.clean_stale_downloads(directory)
@@ -863,7 +875,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         _finish_defaults(args)
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, so that a reader gone away ends like any broken pipe
+        return code
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
@@ -875,11 +889,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`simulref ... | head`): not an error worth a traceback.
+        # Every subcommand ends so, with 128 + SIGPIPE, what a shell reports for a
+        # program killed by the signal (rich's own handling would exit 1).
         try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit flush
-        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the exit flush then goes nowhere
+        except (OSError, ValueError):
             pass
-        return 141
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

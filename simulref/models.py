@@ -99,7 +99,12 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
     if not os.fspath(name_or_path).strip():  # the right type, a wrong value
         raise ValueError(expected)
     dtype = _check_dtype(dtype)
+    from simulref.blas import register_drain_at_exit
     from simulref.gguf import load_gguf
+
+    # MLX work may still run when the caller's program ends: wait for it at exit, or
+    # OpenBLAS's shutdown can hang the exit (see simulref.blas.drain_mlx).
+    register_drain_at_exit()
 
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in PRESETS:

@@ -265,3 +265,27 @@ def test_the_command_warns_once_on_a_bad_path_and_not_when_turned_off():
     if sys.platform.startswith("linux"):
         assert len(lines) == 1 and "/nope.so: no such file" in lines[0]
     assert _run(code, "0").stderr == ""
+
+
+# ---------------------------------------------------------------- issue 14: the exit hang
+
+
+def test_drain_waits_for_mlx_work_in_flight(monkeypatch):
+    import mlx.core as mx
+
+    calls = []
+    monkeypatch.setattr(mx, "synchronize", lambda *a: calls.append(a))
+    blas.drain_mlx()
+    assert calls == [()]
+
+
+def test_load_registers_the_drain_once(monkeypatch, tmp_path):
+    from simulref import models
+
+    registered = []
+    monkeypatch.setattr(blas, "_drain_registered", False)
+    monkeypatch.setattr(blas.atexit, "register", registered.append)
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            models.load(tmp_path / "absent.gguf")
+    assert registered == [blas.drain_mlx]

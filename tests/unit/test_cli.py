@@ -594,3 +594,29 @@ def test_models_reports_the_cache_size_and_cleans_killed_downloads(capsys, monke
     assert "removed 1.0 MiB left by interrupted downloads" in out
     assert f"cache: {tmp_path} (3.0 MiB; set SIMULREF_HOME to move it)" in out
     assert not killed.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["models"],
+    ["trace", "{traces}"],
+    ["verify", "{traces}"],
+    ["translate", SENTENCE, "--model", "{gguf}", *FAST],
+    ["watch", SENTENCE, "--model", "{gguf}", "--mode", "trace", *FAST],
+], ids=lambda argv: argv[0])
+def test_every_subcommand_exits_141_when_its_reader_is_gone(argv, gguf, loaded, tmp_path):
+    from simulref.trace import write_traces
+
+    traces = tmp_path / "t.jsonl"
+    write_traces(traces, [reference(loaded)])
+    read, write = os.pipe()
+    os.close(read)  # `| head` that has already quit
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "simulref", *(a.format(traces=traces, gguf=gguf)
+                                                 for a in argv)],
+            stdout=write, stderr=subprocess.PIPE, env={**_env(), "SIMULREF_OPENBLAS": "0"},
+            timeout=120)
+    finally:
+        os.close(write)
+    assert process.returncode == 141, process.stderr.decode()
+    assert b"Traceback" not in process.stderr
