@@ -35,7 +35,7 @@ FAST = ["--max-tokens-per-word", "4"]
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory) -> str:
-    from simulref.testing import write_tiny_gguf
+    from tiny_gguf import write_tiny_gguf
 
     return str(write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", seed=1))
 

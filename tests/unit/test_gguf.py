@@ -11,15 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_map
+from tiny_gguf import permute_for_interleaved_rope, write_tiny_gguf
 
 from simulref import gguf as sg
-from simulref.testing import (
-    CHATML_TEMPLATE,
-    permute_for_interleaved_rope,
-    tiny_model,
-    tiny_tokenizer,
-    write_tiny_gguf,
-)
+from simulref.testing import CHATML_TEMPLATE, tiny_model, tiny_tokenizer
 
 SIMPLE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 SENTENCE = "The weather is nice today, so we are going to walk in the park."

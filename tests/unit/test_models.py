@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny_gguf import write_tiny_gguf
 
 from simulref import download, models
 from simulref.download import (
@@ -27,7 +28,7 @@ from simulref.download import (
     cache_dir,
     fetch,
 )
-from simulref.testing import tiny_model, tiny_tokenizer, write_tiny_gguf
+from simulref.testing import tiny_model, tiny_tokenizer
 
 SENTENCE = "Il fait beau aujourd'hui, alors nous allons nous promener dans le parc."
 

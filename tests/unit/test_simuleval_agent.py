@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from simuleval.evaluator.scorers import get_scorer_class
+from tiny_gguf import write_tiny_gguf
 
 from simulref import evaluate, metrics
 from simulref.decoder import translate
@@ -31,7 +32,7 @@ from simulref.integrations.simuleval_agent import (
     source_words,
 )
 from simulref.policy import Scripted
-from simulref.testing import tiny_model, tiny_tokenizer, write_tiny_gguf
+from simulref.testing import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORED = ("AL", "LAAL", "AP", "DAL")  # per instance in ins.metrics; ATD only as a corpus mean

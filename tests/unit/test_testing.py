@@ -32,3 +32,11 @@ def test_it_predicts_the_successor_of_every_token_fed_and_fills_its_cache():
 def test_bad_arguments_name_themselves(args, match):
     with pytest.raises(ValueError, match=match):
         successor_model(*args)
+
+
+def test_the_public_surface_is_the_tiny_models():
+    import simulref.testing as testing
+
+    public = {name for name in vars(testing) if not name.startswith("_")}
+    assert {"tiny_model", "tiny_tokenizer", "successor_model", "CHATML_TEMPLATE"} <= public
+    assert "write_tiny_gguf" not in public  # a test fixture: tests/unit/tiny_gguf.py
