@@ -1,4 +1,4 @@
-"""Sessions: tests (unit + golden), golden, bench, lint, demo.
+"""Sessions: tests (unit + golden), golden, bench, exit_hang, lint, demo.
 
 Every session builds its own virtualenv from scratch (nox's default), so what passes
 here passes on a fresh machine.
@@ -64,6 +64,20 @@ def bench(session: nox.Session) -> None:
     _install(session)
     session.run("python", "-m", "simulref.blas", "pytest", "tests/bench", "--bench-out", "bench",
                 *session.posargs, env=_openblas_env())
+
+
+@nox.session(python=PYTHON)
+def exit_hang(session: nox.Session) -> None:
+    """Count hangs at exit (issue 14): N runs (default 300; `-- 1000` for more) of a cheap
+    probe of the exit path, then of `simulref translate` on the small preset, each under
+    a per-run timeout. Fails when any run hung. Minutes: not part of `tests`."""
+    _install(session)
+    runs = session.posargs[0] if session.posargs else "300"
+    count = ["python", "tests/bench/exit_hang.py", "--runs", runs]
+    session.run(*count, "--timeout", "10", "--", "python", "-m", "simulref.blas", "python",
+                "tests/bench/exit_hang_probe.py", env=_openblas_env())
+    session.run(*count, "--timeout", "60", "--", "simulref", "translate", "Hello world.",
+                "-k", "2", "--model", "smollm2-135m", env=_openblas_env())
 
 
 @nox.session(python=PYTHON)

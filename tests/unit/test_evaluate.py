@@ -283,3 +283,10 @@ def test_generated_tokens_count_written_words_and_blank_runs_only():
         Read(0, "a", (1, 2, 3)), BlankRun(0, (9, 9)), Read(1, "b", (4,)),
         Write(0, " x", (5, 6, 7)), Finish("eos")))
     assert evaluate.generated_tokens(trace) == 5
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+    path = tmp_path / "bom.tsv"
+    path.write_bytes(b"\xef\xbb\xbfThe weather\tIl fait\nnice day\tbeau jour\n")
+    pairs = evaluate.read_pairs(path)
+    assert [p.source for p in pairs] == ["The weather", "nice day"]
