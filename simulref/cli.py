@@ -181,14 +181,34 @@ class Arrivals:
 
 
 def source_words(text: str | None, stdin=None) -> Iterable[str]:
-    """The source: TEXT's words, or words read from stdin as they arrive (``-``/none)."""
+    """The source: TEXT's words, or words read from stdin as they arrive (``-``/none).
+    Stdin redirected from a regular file (``< source.txt``) is read whole: nothing more
+    will arrive, and a known source can be checked against the context up front."""
     if text is None or text == "-":
         stream = stdin if stdin is not None else sys.stdin
+        if _is_regular_file(stream):
+            words = stream.buffer.read().decode("utf-8", errors="replace").split()
+            if not words:
+                raise UsageError("stdin: no source words")
+            return words
         return require_words(words_from_stream(stream), "stdin")
     words = text.split()
     if not words:
         raise UsageError("TEXT: expected at least one word")
     return words
+
+
+def _source_name(text: str | None) -> str:
+    return "stdin" if text is None or text == "-" else "TEXT"
+
+
+def _is_regular_file(stream) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and hasattr(stream, "buffer")
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 # --- output ------------------------------------------------------------------------------
@@ -372,7 +392,7 @@ def run_translate(args) -> int:
 
     source = source_words(args.text)
     model, tokenizer = load_model(args.model, args.dtype)
-    check_context(model, tokenizer, source, args)
+    check_context(model, tokenizer, source, args, what=_source_name(args.text))
     out = sys.stdout
     written = [0]
 
@@ -451,7 +471,7 @@ def run_watch(args) -> int:
         _check_writable(args.save, "--save")
     source = source_words(args.text)
     model, tokenizer = load_model(args.model, args.dtype)
-    check_context(model, tokenizer, source, args)
+    check_context(model, tokenizer, source, args, what=_source_name(args.text))
     if args.delay:
         source = paced(source, args.delay)
     start = time.monotonic()

@@ -620,3 +620,21 @@ def test_every_subcommand_exits_141_when_its_reader_is_gone(argv, gguf, loaded, 
         os.close(write)
     assert process.returncode == 141, process.stderr.decode()
     assert b"Traceback" not in process.stderr
+
+
+def test_stdin_from_a_file_is_a_known_source_checked_up_front(gguf, loaded, tmp_path):
+    source = tmp_path / "long.txt"
+    source.write_text(LONG + "\n")
+    with open(source, "rb") as stdin:
+        process = subprocess.run([sys.executable, "-m", "simulref", "translate", "-",
+                                  "--model", gguf, *FAST], stdin=stdin, capture_output=True,
+                                 env={**_env(), "SIMULREF_OPENBLAS": "0"}, timeout=120)
+    assert process.returncode == 2 and process.stdout == b""
+    assert b"stdin: the source needs at least" in process.stderr
+    source.write_text("The weather\nis nice  today\n")
+    with open(source, "rb") as stdin:
+        process = subprocess.run([sys.executable, "-m", "simulref", "translate", "-",
+                                  "--model", gguf, *FAST], stdin=stdin, capture_output=True,
+                                 env={**_env(), "SIMULREF_OPENBLAS": "0"}, timeout=120)
+    assert process.returncode == 0
+    assert process.stdout.decode() == " ".join(reference(loaded).target_words) + "\n"
