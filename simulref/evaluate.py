@@ -3,6 +3,7 @@ DAL, ATD) of wait-k runs for several k and layouts, plus an offline (read-all) r
 
 Layout of an output directory::
 
+    .lock                       held (flock) while an eval runs: a second one is refused
     settings.json               what the stored sentences were produced with (resume guard)
     progress/{run}.jsonl        one record per finished sentence, appended + fsynced
     traces-{layout}-k{K}.jsonl  the traces of a run in sentence order (rewritten atomically)
