@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append(took)
         if outcome != "ok":
             print(f"run {number}: {outcome} after {took:.1f} s", file=sys.stderr, flush=True)
+        elif number % 50 == 0:  # a sign of life on long counts
+            print(f"run {number}: {outcomes.get('hang', 0)} hang(s) so far", file=sys.stderr,
+                  flush=True)
     hangs = outcomes.get("hang", 0)
     failed = sum(n for o, n in outcomes.items() if o.startswith("failed"))
     print(f"runs {args.runs}  hangs {hangs}  failed {failed}  "
