@@ -209,7 +209,8 @@ def test_the_command_line(tmp_path):
 def test_agent_options_reach_the_decoder():
     agent = SimulRefAgent(model_of("llama"), tok(), k=4, layout="interleaved",
                           system="Translate to German", max_tokens_per_word=7)
-    assert agent.options["k"] == 4 and agent.model_id == "llama"
+    assert agent.config.k == 4 and agent.config.max_tokens_per_word == 7
+    assert agent.model_id == "llama"
     with pytest.raises(ValueError, match="layout"):
         SimulRefAgent(model_of("llama"), tok(), layout="diagonal")
     with pytest.raises(ValueError, match="k: expected an int >= 1"):
