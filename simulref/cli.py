@@ -229,11 +229,13 @@ def rebase_times(trace, t0: float):
     return rebase_times(trace, t0)
 
 
-def trace_settings(args, source):
+def trace_settings(args, source, model):
     """The settings of a run of the command line's options over ``source``."""
+    from simulref.decoder import engine_name
+
     config = decode_config(args)
     return config.settings(model_name(args.model),
-                           engine=config.engine_for(isinstance(source, Sequence)))
+                           engine=engine_name(config, model, isinstance(source, Sequence)))
 
 
 def _default_system() -> str:
@@ -353,7 +355,7 @@ def run_translate(args) -> int:
     start = time.monotonic()
     events, interrupted = collect(stream_events(args, source, model, tokenizer), show)
     words = tuple(e.word for e in events if isinstance(e, Read))
-    trace = rebase_times(Trace(trace_settings(args, source), words, tuple(events)), start)
+    trace = rebase_times(Trace(trace_settings(args, source, model), words, tuple(events)), start)
     if args.json:
         out.write(trace.to_jsonl())
     elif args.trace:
@@ -427,7 +429,7 @@ def run_watch(args) -> int:
                                 view, Console())
     if args.save is not None:
         words = tuple(e.word for e in events if isinstance(e, Read))
-        trace = Trace(trace_settings(args, arrivals), words, tuple(events))
+        trace = Trace(trace_settings(args, arrivals, model), words, tuple(events))
         write_traces(args.save, [rebase_times(trace, start)])
     return EXIT_INTERRUPTED if interrupted else 0
 

@@ -15,7 +15,7 @@ from .prompt import DEFAULT_SYSTEM, _check_system
 
 LAYOUTS = ("group", "interleaved", "reencode")
 # "auto" picks the fastest engine that applies (docs/decoder.md, "Engines").
-ENGINES = ("auto", "incremental", "prefilled", "reencode")
+ENGINES = ("auto", "incremental", "prefilled", "fused", "reencode")
 DTYPES = ("float32", "bfloat16", "float16", "quantized")
 
 
@@ -34,8 +34,8 @@ class DecodeConfig:
 
     ``policy`` (any object with ``decide(read, written, source_done, source_length)``)
     overrides ``k``. ``layout="reencode"`` is the re-encoding baseline (engine
-    ``reencode``). ``engine="auto"``: ``prefilled`` for a source known up front in the
-    group layout, else ``incremental``.
+    ``reencode``). ``engine="auto"``: in the group layout, ``prefilled`` for a source
+    known up front and ``fused`` for a live one; ``incremental`` otherwise.
     """
 
     k: int = 3
@@ -82,8 +82,8 @@ class DecodeConfig:
         if (self.engine == "reencode") != (self.layout == "reencode") and self.engine != "auto":
             raise ValueError(f"engine: {self.engine!r} does not go with layout="
                              f"{self.layout!r} (the reencode baseline is layout='reencode')")
-        if self.engine == "prefilled" and self.layout != "group":
-            raise ValueError(f"engine: 'prefilled' needs the 'group' layout, got "
+        if self.engine in ("prefilled", "fused") and self.layout != "group":
+            raise ValueError(f"engine: {self.engine!r} needs the 'group' layout, got "
                              f"layout={self.layout!r}")
 
     @classmethod
@@ -113,7 +113,9 @@ class DecodeConfig:
             return "reencode"
         if self.engine != "auto":
             return self.engine
-        return "prefilled" if known_source and self.layout == "group" else "incremental"
+        if self.layout != "group":
+            return "incremental"
+        return "prefilled" if known_source else "fused"
 
     @property
     def sampler_label(self) -> str:

@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .config import ENGINES, LAYOUTS, DecodeConfig  # noqa: F401 - re-exported
-from .engine import IncrementalEngine, PrefilledEngine, ReencodeEngine
+from .engine import (
+    FusedEngine,
+    IncrementalEngine,
+    PrefilledEngine,
+    ReencodeEngine,
+    supports_row_offsets,
+)
 from .policy import READ
 from .prompt import template_for
 from .trace import BlankRun, DroppedEos, Finish, Read, Trace, Write
@@ -417,7 +423,7 @@ class _Run:
 
 def _make_engine(config: DecodeConfig, model, template, source: _Source, word_ids,
                  on_forward):
-    name = config.engine_for(source.length is not None)
+    name = engine_name(config, model, source.length is not None)
     common = dict(target_start=config.target_start, sampler=config.sampler,
                   on_forward=on_forward)
     if name == "prefilled":
@@ -428,11 +434,26 @@ def _make_engine(config: DecodeConfig, model, template, source: _Source, word_id
         if words:
             words[-1] = words[-1] + tuple(template.suffix_ids)
         return PrefilledEngine(model, template, words, **common)
+    if name == "fused":
+        if source.length is not None:
+            raise ValueError("engine: 'fused' is for a live source (an iterator or a Feed); "
+                             "a source known up front runs with 'prefilled'")
+        return FusedEngine(model, template, **common)
     if name == "reencode":
         return ReencodeEngine(model, template, known_source=source.length is not None,
                               **common)
     return IncrementalEngine(model, template, layout=config.layout,
                              known_source=source.length is not None, **common)
+
+
+def engine_name(config: DecodeConfig, model, known_source: bool) -> str:
+    """The engine that runs ``config`` on ``model`` for a source known up front or not: a
+    model whose attention cannot take one RoPE offset per row falls back from ``fused``
+    to ``incremental`` (the trace's settings record the engine that ran)."""
+    name = config.engine_for(known_source)
+    if name == "fused" and config.engine == "auto" and not supports_row_offsets(model):
+        return "incremental"
+    return name
 
 
 def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None) -> _Run:

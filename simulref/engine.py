@@ -56,6 +56,8 @@ class Forward:
     ``visible``: per row, the source tokens the chunk's last query sees (None: every
     source token in the cache). ``context``: per target slot before ``start``, the source
     tokens its cache entry saw (None when every source token fed before it).
+    ``fused``: this target chunk went in the same model call as the source chunk reported
+    just before it (a fused read).
     """
 
     start: int
@@ -66,6 +68,7 @@ class Forward:
     speculative: bool = False
     visible: tuple[int, ...] | None = None
     context: tuple | None = None
+    fused: bool = False
 
 
 def is_greedy(sampler) -> bool:
@@ -236,6 +239,65 @@ class IncrementalEngine(_Engine):
         self._flush_source()
         tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
         return self._sample(self._call(tokens, TARGET, speculative=speculative))
+
+
+class FusedEngine(IncrementalEngine):
+    """A live source: a word read after target tokens goes in one forward with the re-feed
+    of the last target token (two rows: the source chunk at its source positions with the
+    source-only mask; the target token, left-padded, at its target position, seeing
+    everything), written into the one chronological buffer (``StreamState.begin_fused``).
+    The same cache and logits as the incremental engine's two forwards, in one pass over
+    the weights."""
+
+    name = "fused"
+
+    def __init__(self, model, template, *, target_start, sampler, on_forward):
+        super().__init__(model, template, layout="group", target_start=target_start,
+                         sampler=sampler, on_forward=on_forward, known_source=False)
+        self.held: list[int] | None = None  # read, waiting to go in with the re-feed
+
+    def read(self, ids: Sequence[int]) -> None:
+        import mlx.core as mx
+
+        if not self.fed:
+            super().read(ids)  # nothing to re-feed yet: a plain source chunk
+            return
+        if not self.stale:
+            self._drop_pending()
+            self.stale = True
+        if self.held is not None:  # a second read in a row: the first goes alone
+            self._call(mx.array(self.held, dtype=mx.int32), SOURCE, lazy_source=False)
+        self.held = list(ids)
+
+    def _refeed(self):
+        import mlx.core as mx
+
+        if self.held is None:
+            return super()._refeed()
+        ids, self.held = self.held, None
+        m, token = len(ids), self.fed[-1]
+        tokens = mx.array([ids, [token] * m], dtype=mx.int32)
+        start = self.shared.length
+        self.shared.begin_fused(m)
+        out = self.model(tokens, cache=self.caches)
+        logits = out[1:, -1, :]
+        if self.on_forward is not None:
+            source_positions, target_positions = self.shared.positions()
+            self.on_forward(Forward(start, tokens[0], source_positions, SOURCE, None))
+            self.on_forward(Forward(start + m, tokens[1, -1:], target_positions[-1:], TARGET,
+                                    logits[0], fused=True))
+        return self._sample(logits)
+
+
+def supports_row_offsets(model) -> bool:
+    """Whether every attention layer takes its RoPE offset from ``cache.offset`` through
+    an ``mx.fast.rope``-based module (which accepts one offset per batch row), as mlx-lm's
+    llama, qwen2, qwen3, gemma2 and most others do. Otherwise a fused read cannot give
+    its two rows different positions."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return False
+    return all(hasattr(getattr(layer, "self_attn", None), "rope") for layer in layers)
 
 
 class ReencodeEngine(IncrementalEngine):

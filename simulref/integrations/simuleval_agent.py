@@ -38,7 +38,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from None
 
 from simulref.config import DTYPES, LAYOUTS, DecodeConfig
-from simulref.decoder import NEED_INPUT, Feed, stream
+from simulref.decoder import NEED_INPUT, Feed, engine_name, stream
 from simulref.prompt import DEFAULT_SYSTEM
 from simulref.trace import Finish, Trace, Write
 
@@ -89,7 +89,7 @@ class SimulRefAgent(TextToTextAgent):
         # The settings translate() records for the same options, so traces compare equal
         # (a Feed is a live source: the engine is the one for a stream).
         self._settings = self.config.settings(self.model_id,
-                                              engine=self.config.engine_for(False))
+                                              engine=engine_name(self.config, model, False))
 
     # -- SimulEval's agent interface
 

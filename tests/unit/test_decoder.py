@@ -192,6 +192,9 @@ def explicit(arch="llama", k=1, layout="group", target_start="auto", max_tokens_
 @explicit(arch="qwen2", layout="reencode", k=2)
 @explicit(script=[1, 1, 1, 3], eos_pick=5)
 @explicit(script=[1, 3, 3, 6], eos_pick=5, engine="prefilled")
+@explicit(engine="fused", eos_pick=3)
+@explicit(arch="qwen2", k=2, target_start=0, max_tokens_per_word=2, engine="fused")
+@explicit(script=[1, 3, 3, 6], eos_pick=5, engine="fused")
 @given(arch=st.sampled_from(["llama", "qwen2"]),
        words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
        k=st.integers(1, 5), layout=st.sampled_from(LAYOUTS),
@@ -199,7 +202,7 @@ def explicit(arch="llama", k=1, layout="group", target_start="auto", max_tokens_
        max_tokens_per_word=st.sampled_from([1, 2, 50]),
        eos_pick=st.none() | st.integers(0, 1000), stop_at_first_eos=st.booleans(),
        script=st.none() | st.lists(st.integers(1, 4), min_size=1, max_size=6).map(sorted),
-       engine=st.sampled_from(["incremental", "prefilled"]))
+       engine=st.sampled_from(["incremental", "prefilled", "fused"]))
 def test_every_sampled_logit_matches_the_oracle(arch, words, k, layout, target_start,
                                                  max_tokens_per_word, eos_pick,
                                                  stop_at_first_eos, script, engine):
@@ -210,24 +213,30 @@ def test_every_sampled_logit_matches_the_oracle(arch, words, k, layout, target_s
         common = frequent_tokens(arch)
         tokenizer = with_eos(tokenizer, common[eos_pick % len(common)])
     records = []
-    trace = translate(model_of(arch), tokenizer, words, k=k, layout=layout,
-                      target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                      max_new_words=6, stop_at_first_eos=stop_at_first_eos,
-                      policy=None if script is None else Scripted(script),
-                      engine=engine, on_forward=records.append)
+    live = engine == "fused"  # a stream: the fused engine's source
+
+    def run(engine, on_forward=None):
+        return translate(model_of(arch), tokenizer, iter(words) if live else words, k=k,
+                         layout=layout, target_start=target_start,
+                         max_tokens_per_word=max_tokens_per_word, max_new_words=6,
+                         stop_at_first_eos=stop_at_first_eos,
+                         policy=None if script is None else Scripted(script), engine=engine,
+                         on_forward=on_forward)
+
+    trace = run(engine, records.append)
     if engine == "prefilled":
-        assert trace.settings.option("engine") == "prefilled"
         assert check_prefilled_against_oracle(oracle_of(arch), records, target_start) >= 1
-        # ... and the budgets it reports are the right ones: the twin's trace.
-        twin = translate(model_of(arch), tokenizer, words, k=k, layout=layout,
-                         target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                         max_new_words=6, stop_at_first_eos=stop_at_first_eos,
-                         policy=None if script is None else Scripted(script),
-                         engine="incremental")
-        assert untimed(trace) == untimed(twin)
     else:
         assert check_against_oracle(oracle_of(arch), records, layout, target_start) >= 1
         check_slots(records, trace, tokenizer)
+    if engine in ("prefilled", "fused"):
+        assert trace.settings.option("engine") == engine
+        # ... and what it fed is what the twin feeds: the same trace.
+        assert untimed(trace) == untimed(run("incremental"))
+    # A fused read: its source chunk, then its target token.
+    for before, r in zip(records, records[1:], strict=False):
+        assert not r.fused or (before.kind == SOURCE and r.start == before.start
+                               + np.array(before.tokens).size)
     assert trace.finish_reason is not None
 
 
