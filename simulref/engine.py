@@ -71,6 +71,28 @@ class Forward:
     fused: bool = False
 
 
+# Architectures whose mlx-lm Model.__call__ is the body (``self.model``) then the tied or
+# untied head: their logits can be taken at the last position only.
+_BODY_THEN_HEAD = ("llama", "qwen2", "qwen3")
+
+
+def last_position_head(model):
+    """``(body, head)`` for mlx-lm models of :data:`_BODY_THEN_HEAD` (their own classes),
+    else None. The decoder samples from the last position of a chunk only; applying the
+    head there alone saves the rest (the head is a fifth of SmolLM2-135M's weights, and a
+    fused read or a two-row header has many positions)."""
+    kind = getattr(model, "model_type", None)
+    if kind not in _BODY_THEN_HEAD or type(model).__module__ != f"mlx_lm.models.{kind}":
+        return None
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return body, body.embed_tokens.as_linear
+    head = getattr(model, "lm_head", None)
+    return None if head is None else (body, head)
+
+
 def is_greedy(sampler) -> bool:
     if sampler is None:
         return True
@@ -93,6 +115,14 @@ class _Engine:
         self.greedy = is_greedy(sampler)
         self.sampler = sampler
         self.on_forward = on_forward
+        self.split = last_position_head(model)
+
+    def _last_logits(self, batch):
+        """The model on ``batch`` (rows x n); the last position's logits of every row."""
+        if self.split is None:
+            return self.model(batch, cache=self.caches)[:, -1, :]
+        body, head = self.split
+        return head(body(batch, cache=self.caches)[:, -1:, :])[:, -1, :]
 
     def _call(self, tokens, kind: str, visible=None, speculative: bool = False,
               lazy_source: bool = True, context=None):
@@ -103,14 +133,14 @@ class _Engine:
         batch = tokens if tokens.ndim == 2 else tokens[None]
         start = self.shared.length
         self.shared.begin(kind, batch.shape[1], visible=visible)
-        out = self.model(batch, cache=self.caches)
         if kind == SOURCE:
+            self.model(batch, cache=self.caches)  # only the cache is wanted: stays lazy
             if not lazy_source:
                 # A stream may block on the next word: compute the cache meanwhile.
                 mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
-            logits = None  # only the cache is wanted
+            logits = None
         else:
-            logits = out[:, -1, :]
+            logits = self._last_logits(batch)
         if self.on_forward is not None:
             rows = None if visible is None else tuple(int(v) for v in
                                                       _last_column(visible, batch))
@@ -279,8 +309,7 @@ class FusedEngine(IncrementalEngine):
         tokens = mx.array([ids, [token] * m], dtype=mx.int32)
         start = self.shared.length
         self.shared.begin_fused(m)
-        out = self.model(tokens, cache=self.caches)
-        logits = out[1:, -1, :]
+        logits = self._last_logits(tokens)[1:]
         if self.on_forward is not None:
             source_positions, target_positions = self.shared.positions()
             self.on_forward(Forward(start, tokens[0], source_positions, SOURCE, None))
