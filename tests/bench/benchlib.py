@@ -456,11 +456,28 @@ def measure_whole_run(model, tokenizer, words: Sequence[str], settings: Sentence
     return out
 
 
+class TimedWords:
+    """An iterator over ``words`` that notes when the decoder takes each one (and the
+    end): the moment a read starts, before any of its work."""
+
+    def __init__(self, words: Sequence[str]):
+        self._words = iter(words)
+        self.times: list[float] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        self.times.append(time.monotonic())
+        return next(self._words)
+
+
 def measure_live(model, tokenizer, words: Sequence[str], settings: SentenceSettings,
                  engines: Sequence[str] = LIVE_ENGINES) -> dict:
     """Wait-k over a live source (an iterator, words read as they come) with each engine:
-    per read after target tokens, the time from feeding the word to the first token of
-    the next word (seconds), and the model calls per target token written."""
+    per read after target tokens, the time from the decoder taking the word from the
+    source (before trim, chunk or re-feed) to the first token of the next word (seconds),
+    and the model calls per target token written."""
     from simulref.decoder import translate
     from simulref.prompt import DEFAULT_SYSTEM
 
@@ -470,14 +487,15 @@ def measure_live(model, tokenizer, words: Sequence[str], settings: SentenceSetti
     traces = {}
     for engine in engines:
         clock = ForwardClock()
-        trace = translate(model, tokenizer, iter(words), k=min(settings.k, n), system=system,
+        source = TimedWords(words)
+        trace = translate(model, tokenizer, source, k=min(settings.k, n), system=system,
                           max_new_words=n + settings.extra_words,
                           max_tokens_per_word=settings.max_tokens_per_word, engine=engine,
                           on_forward=clock)
         traces[engine] = [(type(e).__name__, getattr(e, "token_ids", None))
                           for e in trace.events]
         written = sum(len(e.token_ids) for e in trace.writes)
-        out[engine] = {"latencies_s": read_latencies(clock.read_times,
+        out[engine] = {"latencies_s": read_latencies(source.times,
                                                      clock.first_token_times[1:]),
                        "model_calls": clock.model_calls(), "written_tokens": written,
                        "engine_ran": trace.settings.option("engine")}
