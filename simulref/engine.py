@@ -101,6 +101,41 @@ def is_greedy(sampler) -> bool:
     return sampler is make_sampler(temp=0.0)
 
 
+@dataclass
+class Lookahead:
+    """What the loop peeks at: the token the model predicts next, not yet placed in a
+    word, and whether it is already in the cache (fed ahead, pipelining) with the lazy
+    token sampled after it."""
+
+    token: int | None = None
+    in_cache: bool = False
+    after: object = None
+
+    def clear(self) -> None:
+        self.token, self.in_cache, self.after = None, False, None
+
+    def set(self, y) -> int:
+        """A freshly sampled token (not fed yet) becomes the one to peek at."""
+        self.token, self.in_cache, self.after = y.item(), False, None
+        return self.token
+
+    def advance(self, feed: Callable, token: int, speculate: bool) -> None:
+        """``token`` joined the target: the next token is sampled from feeding it (unless
+        it was fed ahead already); with ``speculate`` that one is fed too before anyone
+        looks at it, and its forward queued (``mx.async_eval``), as mlx_lm.generate does.
+        ``feed(ids, speculative=False)`` returns the lazy token sampled after ``ids``."""
+        import mlx.core as mx
+
+        y = self.after if self.in_cache else feed([token])
+        if speculate:
+            self.after = feed(y, speculative=True)
+            mx.async_eval(self.after)
+            self.in_cache = True
+        else:
+            self.after, self.in_cache = None, False
+        self.token = y.item()
+
+
 class _Engine:
     """What every engine shares: the caches, one forward, sampling."""
 
@@ -188,9 +223,7 @@ class IncrementalEngine(_Engine):
         self.known_source = known_source
         self.fed: list[int] = []  # target tokens in the cache: header, then words' tokens
         self.stale = False  # source read since the last target token was fed
-        self.pending: int | None = None  # sampled, not yet placed in a word
-        self.pending_fed = False  # ... and already fed speculatively
-        self.next_y = None  # the token sampled after feeding `pending`, when pending_fed
+        self.ahead = Lookahead()
         self.unfed_source: list[int] = []  # read from a known source, not yet fed
 
     # -- the loop's calls
@@ -207,8 +240,8 @@ class IncrementalEngine(_Engine):
         self._feed_source(ids)
 
     def peek(self, may_read: bool = True) -> int:
-        if self.pending is not None:
-            return self.pending
+        if self.ahead.token is not None:
+            return self.ahead.token
         if not self.fed:
             header = self._header()
             self.fed.extend(header)
@@ -218,27 +251,17 @@ class IncrementalEngine(_Engine):
         else:
             y = self._refeed()
         self.stale = False
-        self.pending, self.pending_fed = y.item(), False
-        return self.pending
+        return self.ahead.set(y)
 
     def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
-        import mlx.core as mx
-
         self.fed.append(token)
-        y = self.next_y if self.pending_fed else self._feed_targets([token])
-        if speculate:
-            self.next_y = self._feed_targets(y, speculative=True)
-            mx.async_eval(self.next_y)
-            self.pending_fed = True
-        else:
-            self.next_y, self.pending_fed = None, False
-        self.pending = y.item()
+        self.ahead.advance(self._feed_targets, token, speculate)
 
     # -- model calls
 
     def _drop_pending(self) -> None:
-        self._trim(1 + self.pending_fed)
-        self.pending, self.pending_fed, self.next_y = None, False, None
+        self._trim(1 + self.ahead.in_cache)
+        self.ahead.clear()
 
     def _refeed(self):
         return self._feed_targets(self.fed[-1:])
@@ -342,7 +365,7 @@ class ReencodeEngine(IncrementalEngine):
         self.source_ids: list[int] = []  # everything read, prefix included
 
     def _drop_pending(self) -> None:
-        self.pending, self.pending_fed, self.next_y = None, False, None  # rebuilt anyway
+        self.ahead.clear()  # the cache is rebuilt anyway
 
     def _feed_source(self, ids: Sequence[int]) -> None:
         self.source_ids.extend(ids)
@@ -374,9 +397,7 @@ class PrefilledEngine(_Engine):
         self.read_count = 0
         self.fed: list[int] = []  # target tokens in the cache
         self.slot_budgets: list[int] = []  # per target slot: the budget its entry saw
-        self.pending: int | None = None
-        self.pending_fed = False  # pending already fed (speculation, source done only)
-        self.next_y = None
+        self.ahead = Lookahead()  # fed ahead only once the source is done
         self.alt = None  # (lazy logits of row r + 1, its budget) of the last forward
         self.kept_row: int | None = None  # row to keep of the last multi-row forward
         self.reads_since_sample = 0
@@ -402,16 +423,15 @@ class PrefilledEngine(_Engine):
         if not self.fed:
             return  # the header is not in yet: it will see this budget
         if self.reads_since_sample == 0:
-            if self.pending_fed:  # the speculative step saw the old budget: drop it
+            if self.ahead.in_cache:  # the speculative step saw the old budget: drop it
                 self._trim_target(1)
-                self.pending_fed, self.next_y = False, None
-            self.pending = None
+            self.ahead.clear()
         self.reads_since_sample += 1
 
     def peek(self, may_read: bool = True) -> int:
 
-        if self.pending is not None:
-            return self.pending
+        if self.ahead.token is not None:
+            return self.ahead.token
         if not self.fed:
             header = self._header()
             self.shared.start_target_group(self.budget)
@@ -433,23 +453,15 @@ class PrefilledEngine(_Engine):
             self._trim_target(1)
             y = self._feed(self.fed[-1:], may_read)
         self.reads_since_sample = 0
-        self.pending, self.pending_fed = y.item(), False
-        return self.pending
+        return self.ahead.set(y)
 
     def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
-        import mlx.core as mx
-
         self.fed.append(token)
-        y = self.next_y if self.pending_fed else self._feed([token], may_read)
-        if speculate and not may_read:
-            # Pipelining only once no read can follow: a speculative step fed while a read
-            # may follow would settle the rows of the step below it too early.
-            self.next_y = self._feed(y, may_read, speculative=True)
-            mx.async_eval(self.next_y)
-            self.pending_fed = True
-        else:
-            self.next_y, self.pending_fed = None, False
-        self.pending = y.item()
+        # Pipelining only once no read can follow: a step fed ahead while a read may
+        # follow would settle the rows of the step below it too early.
+        self.ahead.advance(
+            lambda ids, speculative=False: self._feed(ids, may_read, speculative=speculative),
+            token, speculate and not may_read)
 
     # -- model calls
 
