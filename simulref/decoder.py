@@ -37,7 +37,7 @@ from .engine import (
 )
 from .policy import READ
 from .prompt import template_for
-from .trace import BlankRun, DroppedEos, Finish, Read, Trace, Write
+from .trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Trace, Write
 
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
 
@@ -153,6 +153,9 @@ class _NeedInput:
 
 # Yielded by stream() over a Feed when the policy wants a word that has not been pushed.
 NEED_INPUT = _NeedInput()
+# What a live source gives once it is over, after its last word was read without the
+# end-of-turn suffix: the suffix is read alone (a SourceEnd event).
+_END = object()
 
 
 def _check_feed_word(word) -> str:
@@ -172,11 +175,10 @@ class Feed:
     yet, the stream yields :data:`NEED_INPUT` instead of blocking: push more, then call
     ``next()`` again (calling it without pushing just yields ``NEED_INPUT`` again).
 
-    ``end()`` says no more words will come. Words still waiting in the feed are enough to
-    close the source properly (the last of them becomes the last word), and so is a feed
-    that never had a word (an empty source). But once the decoder has read every pushed
-    word, the last of them went in without the suffix and ``end()`` raises: push the final
-    word with ``last=True``.
+    ``end()`` says no more words will come. Words still waiting in the feed close the
+    source properly (the last of them becomes the last word, the suffix with it); once the
+    decoder has read every pushed word, the suffix is read alone (a ``SourceEnd`` event).
+    A feed that never had a word is an empty source.
     """
 
     def __init__(self):
@@ -213,24 +215,26 @@ class Feed:
             self._last_at, self._ended = len(self._words) - 1, True
 
     def end(self) -> None:
-        """No more words. See the class docstring for when this is allowed."""
+        """No more words (see the class docstring)."""
         if self._ended:
             return
-        if self._words and self.waiting == 0:
-            raise ValueError(
-                f"Feed.end(): the decoder already read the final word "
-                f"{self._words[-1]!r} without the end-of-turn suffix; push the final "
-                f"word with last=True")
-        self._last_at = len(self._words) - 1 if self._words else None
+        if self.waiting:
+            self._last_at = len(self._words) - 1
         self._ended = True
 
     def _take(self):
-        """``(word, is_last)``, None when the source is over, or NEED_INPUT."""
+        """``(word, is_last)``, :data:`_END` once (every word read, the last without the
+        suffix), None when the source is over, or NEED_INPUT."""
         if self._taken < len(self._words):
             index = self._taken
             self._taken += 1
             return self._words[index], index == self._last_at
-        return None if self._ended else NEED_INPUT
+        if not self._ended:
+            return NEED_INPUT
+        if self._words and self._last_at is None:
+            self._last_at = len(self._words) - 1  # its suffix goes now, alone
+            return _END
+        return None
 
     def __repr__(self) -> str:
         state = "complete" if self._ended else "open"
@@ -240,10 +244,11 @@ class Feed:
 class _Source:
     """Source words one at a time, each with whether it is the last.
 
-    A str is split on whitespace; a sequence is taken as words; any other iterable is read
-    lazily and may block while the speaker is silent. Knowing that a word is the last (so
-    the end-of-turn suffix goes with it) takes one word of look-ahead on a stream: a word
-    is read once the next word arrives or the input ends.
+    A str is split on whitespace; a sequence is taken as words (the last one known, the
+    end-of-turn suffix goes with it); any other iterable is read lazily and may block
+    while the speaker is silent. A word of a stream is read as soon as it arrives (no
+    look-ahead), so none is known to be the last: when the input ends, :data:`_END` says
+    so once and the suffix is read alone.
     """
 
     def __init__(self, source):
@@ -263,26 +268,29 @@ class _Source:
         self.length = len(source) if isinstance(source, Sequence) else None
         self.known = source if self.length is not None else None
         self._it = iter(source)
-        self._ahead: list = []  # at most one word read from the iterator but not yet given
+        self._given = 0
         self._exhausted = False
 
-    def _pull(self) -> bool:
-        if not self._ahead and not self._exhausted:
-            try:
-                self._ahead.append(next(self._it))
-            except StopIteration:
-                self._exhausted = True
-        return bool(self._ahead)
-
     def next(self):
-        """``(word, is_last)``, None when the source is exhausted, or NEED_INPUT (a Feed
-        with no word waiting)."""
+        """``(word, is_last)``, :data:`_END` once when a stream ends after its words, None
+        when the source is over, or NEED_INPUT (a Feed with no word waiting)."""
         if self.feed is not None:
             return self.feed._take()
-        if not self._pull():
+        if self._exhausted:
             return None
-        word = self._ahead.pop()
-        return word, not self._pull()
+        if self.length is not None:
+            if self._given == self.length:
+                self._exhausted = True
+                return None
+            self._given += 1
+            return next(self._it), self._given == self.length
+        try:
+            word = next(self._it)
+        except StopIteration:
+            self._exhausted = True
+            return _END if self._given else None
+        self._given += 1
+        return word, False
 
 
 # ---------------------------------------------------------------- the loop
@@ -328,6 +336,12 @@ class _Run:
         if got is None:
             self.source_done = True
             return None
+        if got is _END:
+            ids = tuple(self.template.suffix_ids)
+            if ids:  # (a chat format may end the user turn with nothing)
+                self.engine.read(ids)
+            self.source_done = True
+            return SourceEnd(self.read, ids, time.monotonic())
         word, is_last = got
         ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
         if is_last:

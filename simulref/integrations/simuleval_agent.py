@@ -175,17 +175,10 @@ class SimulRefAgent(TextToTextAgent):
         self._sent = len(segments)
         for i, word in enumerate(new):
             self._feed.push(word, last=finished and i == len(new) - 1)
-        if finished and not self._feed.complete:
-            # An empty source (SimulEval's text instances send `finished` with the last
-            # word otherwise). An end announced after the last word was read cannot be
-            # honoured: that word went in without the end-of-turn suffix.
-            try:
-                self._feed.end()
-            except ValueError:
-                raise RuntimeError(
-                    "SimulRefAgent: the source was declared finished only after its last "
-                    "word had been read; the agent needs `finished` together with the last "
-                    "word, as SimulEval's text instances send it") from None
+        if finished:
+            # The end of the source: with the last word (the suffix goes with it, as
+            # SimulEval's text instances send `finished`), or later on its own.
+            self._feed.end()
 
 
 def model_dtype(args) -> str | None:

@@ -19,6 +19,7 @@ import copy
 import queue
 import threading
 import time
+from dataclasses import replace
 from functools import cache
 
 import mlx.core as mx
@@ -38,7 +39,8 @@ from simulref.decoder import LAYOUTS, stream, token_table, translate
 from simulref.policy import ReadAll, Scripted, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, assemble, template_for
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
-from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
+from simulref.verify import check_trace
 
 ATOL = 5e-4
 POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
@@ -248,7 +250,9 @@ def check_slots(records, trace, tokenizer):
     A skipped trim or a token fed twice shows here, not in the logits."""
     template = template_for(tokenizer, system=DEFAULT_SYSTEM)
     table = token_table(tokenizer)
-    source = list(template.prefix_ids) + [t for r in trace.reads for t in r.token_ids]
+    source = list(template.prefix_ids) + [t for e in trace.events
+                                          if isinstance(e, (Read, SourceEnd))
+                                          for t in e.token_ids]
     # Blank runs (whitespace-only runs cut at max_tokens_per_word) stay in the cache too.
     target = list(template.header_ids) + [t for e in trace.events
                                           if isinstance(e, (Write, BlankRun))
@@ -561,30 +565,42 @@ def test_the_last_read_carries_the_suffix():
 # ---------------------------------------------------------------- streamed sources
 
 
-def test_a_streamed_source_gives_the_same_trace_and_never_writes_early():
+@pytest.mark.parametrize("engine", ["incremental", "fused"])
+def test_a_streamed_source_is_read_as_it_comes_and_never_written_early(engine):
+    """No look-ahead: word j is taken from the stream when the policy wants it, and read
+    at once (so j words are read when it is pulled); the end of the stream is a SourceEnd
+    carrying the suffix (the last Read has none)."""
     model = model_of("llama")
-    expected = translate(model, tok(), SENTENCE, k=3, max_new_words=12)
+    template = template_for(tok(), system=DEFAULT_SYSTEM)
     pulled = []
     events = []
 
     def words():
         for w in SENTENCE:
+            reads = sum(isinstance(e, Read) for e in events)
             writes = sum(isinstance(e, Write) for e in events)
-            # Word j is pulled only when reading word j-1 (one word of look-ahead) and
-            # wait-3 had at most j - 3 target words written by then.
-            assert writes <= max(0, len(pulled) - 2)
+            assert reads == len(pulled)  # every word pulled so far was read at once
+            assert writes <= max(0, len(pulled) - 2)  # wait-3: j - 2 words before word j
             pulled.append(w)
             yield w
 
-    for event in stream(model, tok(), words(), k=3, max_new_words=12):
+    for event in stream(model, tok(), words(), k=3, max_new_words=12, engine=engine):
         events.append(event)
-    assert [e for e in expected.without_times().events] == [
-        type(e)(**{**e.__dict__, "t": 0.0}) for e in events]
+    reads = [e for e in events if isinstance(e, Read)]
+    ends = [j for j, e in enumerate(events) if isinstance(e, SourceEnd)]
+    assert [e.word for e in reads] == SENTENCE
+    assert all(e.token_ids == tuple(template.word_ids(e.source_index, e.word)) for e in reads)
+    assert len(ends) == 1 and events[ends[0]] == SourceEnd(len(SENTENCE),
+                                                           template.suffix_ids, events[ends[0]].t)
+    assert events.index(reads[-1]) < ends[0]
+    trace = translate(model, tok(), iter(SENTENCE), k=3, max_new_words=12, engine=engine)
+    assert check_trace(trace) == []
+    assert untimed(trace).events == tuple(replace(e, t=0.0) for e in events)
 
 
 def test_a_slow_speaker_does_not_change_the_trace():
     model = model_of("qwen2")
-    expected = translate(model, tok(), SENTENCE[:6], k=2, max_new_words=8).without_times()
+    expected = translate(model, tok(), iter(SENTENCE[:6]), k=2, max_new_words=8)
     q: queue.Queue = queue.Queue()
 
     def speak():

@@ -24,7 +24,8 @@ from simulref.decoder import NEED_INPUT, Feed, stream, translate
 from simulref.policy import Scripted, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import tiny_model, tiny_tokenizer
-from simulref.trace import DroppedEos, Finish, Read, Write
+from simulref.trace import DroppedEos, Finish, Read, SourceEnd, Trace, Write
+from simulref.verify import check_trace
 
 POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
         "car because my old one broken quick brown fox jumps over lazy dog").split()
@@ -245,18 +246,23 @@ def test_pushing_after_the_last_word_is_an_error():
         ended.push("late")
 
 
-def test_end_after_the_final_word_was_read_is_an_error():
+def test_end_after_the_final_word_was_read_reads_the_suffix_alone():
     feed = Feed()
-    it = stream(model_of("llama"), tok(), feed, k=3)
+    it = stream(model_of("llama"), tok(), feed, k=3, max_new_words=4)
     assert next(it) is NEED_INPUT
     feed.push("The")
-    assert isinstance(next(it), Read)
+    first = next(it)
+    assert isinstance(first, Read) and first.token_ids == tuple(
+        template_for(tok(), system=DEFAULT_SYSTEM).word_ids(0, "The"))  # no suffix
     assert next(it) is NEED_INPUT  # wait-3 wants a second word
-    with pytest.raises(ValueError, match="push the final word with last=True"):
-        feed.end()
-    assert not feed.complete
-    feed.push("weather", last=True)  # still usable: the proper way to finish
-    assert [e.word for e in it if isinstance(e, Read)] == ["weather"]
+    feed.end()
+    assert feed.complete
+    rest = list(it)
+    assert rest[0] == SourceEnd(1, template_for(tok(), system=DEFAULT_SYSTEM).suffix_ids,
+                                rest[0].t)
+    assert not any(isinstance(e, Read) for e in rest) and isinstance(rest[-1], Finish)
+    trace = translate(model_of("llama"), tok(), ["The"], k=3, max_new_words=4)
+    assert check_trace(Trace(trace.settings, ("The",), (first, *rest))) == []
 
 
 @pytest.mark.parametrize("word, last, error, match", [
