@@ -24,12 +24,10 @@ from pathlib import Path
 
 from simulref import blas
 from simulref.checks import parse_int
+from simulref.config import DTYPES, ENGINES, LAYOUTS, DecodeConfig
 from simulref.limits import MAX_POSITION
 
-LAYOUTS = ("group", "interleaved", "reencode")
 WATCH_MODES = ("live", "side-by-side", "trace")
-# simulref.gguf.DTYPES, kept here so that --help does not import MLX.
-DTYPES = ("float32", "bfloat16", "float16", "quantized")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -264,15 +262,17 @@ def model_name(spec: str | None) -> str:
     return spec or models.DEFAULT_PRESET
 
 
-def decode_options(args) -> dict:
-    return dict(
-        k=args.k,
-        system=args.system,
-        layout=args.layout,
-        target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word,
-        stop_at_first_eos=args.stop_at_first_eos,
-    )
+def decode_config(args, **overrides) -> DecodeConfig:
+    """The decode options the command line gave (``overrides`` for eval's runs)."""
+    options = dict(k=args.k, system=args.system, layout=args.layout,
+                   target_start=args.target_start,
+                   max_tokens_per_word=args.max_tokens_per_word,
+                   stop_at_first_eos=args.stop_at_first_eos, engine=args.engine)
+    options.update(overrides)
+    try:
+        return DecodeConfig(**options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def rebase_times(trace, t0: float):
@@ -281,19 +281,13 @@ def rebase_times(trace, t0: float):
     return rebase_times(trace, t0)
 
 
-def trace_settings(args, *, k: int | None = None, layout: str | None = None):
-    from simulref.trace import Settings
+def trace_settings(args, source, model):
+    """The settings of a run of the command line's options over ``source``."""
+    from simulref.decoder import engine_name
 
-    return Settings(
-        model=model_name(args.model),
-        k=args.k if k is None else k,
-        layout=layout or args.layout,
-        system=args.system,
-        target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word,
-        stop_at_first_eos=args.stop_at_first_eos,
-        extra={"policy": f"wait-{args.k if k is None else k}", "sampler": "greedy"},
-    )
+    config = decode_config(args)
+    return config.settings(model_name(args.model),
+                           engine=engine_name(config, model, isinstance(source, Sequence)))
 
 
 def _default_system() -> str:
@@ -320,6 +314,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) ->
                             help="words read before the first write (default: 3)")
         parser.add_argument("--layout", choices=LAYOUTS, default="group",
                             help="cache layout (default: group)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="how tokens reach the model (default: auto: prefilled for a "
+                             "known source in the group layout, else incremental; every "
+                             "engine gives the same trace)")
     parser.add_argument("--system", default=None,
                         help="the instruction (default: translate English to French)")
     parser.add_argument("--target-start", type=target_start, default="auto",
@@ -362,7 +360,7 @@ def add_translate(subparsers) -> None:
 def stream_events(args, source: Iterable[str], model, tokenizer):
     from simulref import decoder
 
-    return decoder.stream(model, tokenizer, source, **decode_options(args))
+    return decoder.stream(model, tokenizer, source, decode_config(args))
 
 
 def collect(events: Iterator, on_event: Callable | None = None) -> tuple[list, bool]:
@@ -410,7 +408,7 @@ def run_translate(args) -> int:
     start = time.monotonic()
     events, interrupted = collect(stream_events(args, source, model, tokenizer), show)
     words = tuple(e.word for e in events if isinstance(e, Read))
-    trace = rebase_times(Trace(trace_settings(args), words, tuple(events)), start)
+    trace = rebase_times(Trace(trace_settings(args, source, model), words, tuple(events)), start)
     if args.json:
         out.write(trace.to_jsonl())
     elif args.trace:
@@ -483,7 +481,7 @@ def run_watch(args) -> int:
                                 view, stdout_console())
     if args.save is not None:
         words = tuple(e.word for e in events if isinstance(e, Read))
-        trace = Trace(trace_settings(args), words, tuple(events))
+        trace = Trace(trace_settings(args, arrivals, model), words, tuple(events))
         save_trace(args.save, rebase_times(trace, start), "--save", write_traces)
     return EXIT_INTERRUPTED if interrupted else 0
 
@@ -565,6 +563,8 @@ def run_eval(args) -> int:
     ks = args.k or list(evaluate.DEFAULT_KS)
     layouts = args.layout or ["group"]
     system = args.system or evaluate.default_system(args.dataset, path)
+    # Every run's options are checked before the model loads.
+    base, *_ = [decode_config(args, k=ks[0], layout=layout, system=system) for layout in layouts]
     name = model_name(args.model)
     out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
     settings = {
@@ -584,10 +584,11 @@ def run_eval(args) -> int:
         raise UsageError(f"--out {out}: cannot use it as the output directory "
                          f"({error.strerror or error})") from None
     with lock:
-        return _evaluate(args, evaluate, pairs, out, settings, ks, layouts)
+        return _evaluate(args, evaluate, pairs, out, settings, ks, layouts, base)
 
 
-def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts) -> int:
+def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
+              base: DecodeConfig) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     system_args = argparse.Namespace(system=settings["system"], target_start=args.target_start)
     for pair in pairs:
@@ -596,9 +597,7 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts) -> 
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
-        settings=settings, target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word, stop_at_first_eos=args.stop_at_first_eos,
-        word_duration=args.word_duration,
+        settings=settings, config=base, word_duration=args.word_duration,
     )
     try:
         summaries = _run_with_progress(job)

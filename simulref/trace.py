@@ -2,7 +2,7 @@
 
 A :class:`Trace` is what one simultaneous translation did, in order: which source word
 was read when, which target word was written when, and why it stopped. It serializes to
-JSON Lines (``simulref.trace/2``, see ``docs/trace-format.md`` and
+JSON Lines (``simulref.trace/3``, see ``docs/trace-format.md`` and
 ``simulref/schema/trace.schema.json``): one header record, then one record per event,
 keys sorted, so that snapshots diff line by line.
 """
@@ -20,10 +20,11 @@ from typing import Any
 from .atomic import atomic_write
 from .checks import check_int, is_int
 
-SCHEMA_VERSION = "simulref.trace/2"
+SCHEMA_VERSION = "simulref.trace/3"
 # Older versions this reader still accepts, with the event records each lacks.
-# /1 is /2 without the blank_run record.
-OLDER_SCHEMAS = {"simulref.trace/1": frozenset({"blank_run"})}
+# /2 is /3 without the source_end record; /1 is /2 without the blank_run record.
+OLDER_SCHEMAS = {"simulref.trace/2": frozenset({"source_end"}),
+                 "simulref.trace/1": frozenset({"blank_run", "source_end"})}
 
 FINISH_REASONS = (
     "eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled", "empty_source",
@@ -130,6 +131,23 @@ class BlankRun:
 
 
 @dataclass(frozen=True)
+class SourceEnd:
+    """A live source ended after ``source_index`` words (all of them read): its end
+    became known only then, so the end-of-user-turn suffix, ``token_ids``, went in as a
+    chunk of its own. (A source known up front, or a Feed word pushed ``last=True``,
+    carries the suffix in its last Read instead.) Not a word: the metrics count Reads."""
+
+    source_index: int
+    token_ids: tuple[int, ...]
+    t: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_index("SourceEnd", "source_index", self.source_index)
+        object.__setattr__(self, "token_ids", _token_tuple("SourceEnd", self.token_ids))
+        object.__setattr__(self, "t", _time("SourceEnd", self.t))
+
+
+@dataclass(frozen=True)
 class Finish:
     """The translation ended; ``reason`` is one of :data:`FINISH_REASONS`."""
 
@@ -145,9 +163,9 @@ class Finish:
         object.__setattr__(self, "t", _time("Finish", self.t))
 
 
-Event = Read | Write | DroppedEos | BlankRun | Finish
+Event = Read | Write | DroppedEos | BlankRun | SourceEnd | Finish
 
-_EVENT_TYPES = (Read, Write, DroppedEos, BlankRun, Finish)
+_EVENT_TYPES = (Read, Write, DroppedEos, BlankRun, SourceEnd, Finish)
 
 # JSON scalars only: an option must survive the JSON round trip and keep Settings hashable.
 _Scalar = str | int | float | bool | None
@@ -355,7 +373,7 @@ def _dumps(record: Mapping[str, Any]) -> str:
 
 _EVENT_RECORD = {
     Read: "read", Write: "write", DroppedEos: "dropped_eos", BlankRun: "blank_run",
-    Finish: "finish",
+    SourceEnd: "source_end", Finish: "finish",
 }
 # The "record" name of each event class in JSON Lines, and back (verify reads with it).
 RECORD_EVENT = {v: k for k, v in _EVENT_RECORD.items()}
@@ -556,7 +574,8 @@ def render_compact(trace: Trace) -> str:
     """One line for humans: ``R The  R quick  W Le  E  F:eos``.
 
     ``R`` read, ``W`` write (its stripped word), ``E`` a dropped EOS, ``B`` a blank run,
-    ``F:<reason>`` the finish. Empty words or words with spaces are shown JSON-quoted."""
+    ``R$`` the end of a live source (its suffix read alone), ``F:<reason>`` the finish.
+    Empty words or words with spaces are shown JSON-quoted."""
     parts: list[str] = []
     for e in trace.events:
         if isinstance(e, Read):
@@ -567,6 +586,8 @@ def render_compact(trace: Trace) -> str:
             parts.append("E")
         elif isinstance(e, BlankRun):
             parts.append("B")
+        elif isinstance(e, SourceEnd):
+            parts.append("R$")
         else:
             parts.append(f"F:{e.reason}")
     return "  ".join(parts)

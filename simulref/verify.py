@@ -38,6 +38,7 @@ from .trace import (
     HeaderDisagreement,
     Read,
     Settings,
+    SourceEnd,
     Trace,
     Write,
     read_traces_lenient,
@@ -160,6 +161,9 @@ def describe_event(event: Event | None) -> str:
         return f"dropped EOS after source {event.source_index}"
     if isinstance(event, BlankRun):
         return (f"blank run after source {event.source_index} "
+                f"token_ids {list(event.token_ids)}")
+    if isinstance(event, SourceEnd):
+        return (f"source end after {event.source_index} word(s) "
                 f"token_ids {list(event.token_ids)}")
     if isinstance(event, Finish):
         return f"finish {_show(event.reason)}"
@@ -454,6 +458,7 @@ class _Replay:
         self.next_source = 0  # expected next source_index (resynchronized after a gap)
         self.written = 0
         self.next_target = 0
+        self.ended = False  # a SourceEnd was seen
         self.out: list[Violation] = []
 
     def run(self) -> list[Violation]:
@@ -469,6 +474,8 @@ class _Replay:
                 self.on_dropped_eos(j, event, after)
             elif isinstance(event, BlankRun):
                 self.on_blank_run(j, event, after)
+            elif isinstance(event, SourceEnd):
+                self.on_source_end(j, event, before)
             else:
                 self.on_finish(j, event, before)
         return self.out
@@ -481,6 +488,9 @@ class _Replay:
 
     def on_read(self, j: int, e: Read, before: Event | None) -> None:
         i = e.source_index
+        if self.ended:
+            self.add("trace.source_end", "no word is read after the source ended",
+                     event_index=j, source_index=i)
         if i != self.next_source:
             self.add("trace.read_order", "source words must be read in order, each once",
                      event_index=j, source_index=i, expected=self.next_source, actual=i)
@@ -536,6 +546,24 @@ class _Replay:
                      event_index=j, target_index=i, expected=Bound("<=", limit),
                      actual=self.written)
 
+    def on_source_end(self, j: int, e: SourceEnd, before: Event | None) -> None:
+        """A live source's end, found by a read attempt: its suffix read alone."""
+        if self.ended:
+            self.add("trace.source_end", "the source ends once", event_index=j)
+        self.ended = True
+        if e.source_index != self.read or self.read != self.n:
+            self.add("trace.source_end", "the source ends after its last word is read: "
+                     "source_index is the number of words read, all of the source",
+                     event_index=j, expected=self.n, actual=e.source_index)
+        # A live source's length is unknown until it ends: the decoder tries to read
+        # while wait-k wants k + i words (not min(k + i, N)), or when forced.
+        forced = isinstance(before, (DroppedEos, BlankRun))
+        if self.k is not None and not forced and self.read >= self.k + self.written:
+            self.add("trace.extra_read", f"wait-{self.k} writes target word {self.written} "
+                     f"once {self.k + self.written} word(s) are read; this attempt to read "
+                     "is neither asked for nor forced", event_index=j,
+                     expected="write", actual="source end")
+
     def on_dropped_eos(self, j: int, e: DroppedEos, after: Event | None) -> None:
         if self.settings.stop_at_first_eos:
             self.add("trace.dropped_eos", "with settings.stop_at_first_eos an EOS ends the "
@@ -557,6 +585,8 @@ class _Replay:
     def check_reads_on(self, rule: str, what: str, j: int, source_index: int,
                        after: Event | None) -> None:
         """A dropped EOS or a blank run names the last word read and forces a read next."""
+        if self.ended:
+            self.add(rule, f"{what} comes only before the source ends", event_index=j)
         if source_index != self.read - 1:
             self.add(rule, f"{what} names the last source word read", event_index=j,
                      source_index=source_index, expected=self.read - 1, actual=source_index)

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from simulref.atomic import atomic_write
-from simulref.trace import BlankRun, DroppedEos, Event, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Event, Finish, Read, SourceEnd, Write
 
 CURSOR = "▌"
 READ_STYLE = "bold cyan"
@@ -189,6 +189,9 @@ def trace_view(
                    "")
         elif isinstance(event, BlankRun):
             row = ("blank", str(event.source_index), Text("whitespace only", style="dim"),
+                   str(len(event.token_ids)))
+        elif isinstance(event, SourceEnd):
+            row = ("end", str(event.source_index), Text("end of source", style="dim"),
                    str(len(event.token_ids)))
         else:
             row = ("finish", "", Text(event.reason, style="italic"), "")

@@ -21,7 +21,7 @@ import pytest
 
 # Presets and how many sentences of the bundled postgres-en-fr set each one translates on
 # top of the fixed sentences (the larger model is ~4x slower per token on a CPU).
-DEFAULT_SENTENCES = {"smollm2-135m": 20, "qwen2.5-coder-0.5b": 2}
+DEFAULT_SENTENCES = {"smollm2-135m": 10, "qwen2.5-coder-0.5b": 2}
 
 
 def pytest_addoption(parser):

@@ -18,12 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
+from traces import untimed as untimed_trace
 
 from simulref.decoder import NEED_INPUT, Feed, stream, translate
 from simulref.policy import Scripted, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import tiny_model, tiny_tokenizer
-from simulref.trace import DroppedEos, Finish, Read, Write
+from simulref.trace import DroppedEos, Finish, Read, SourceEnd, Trace, Write
+from simulref.verify import check_trace
 
 POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
         "car because my old one broken quick brown fox jumps over lazy dog").split()
@@ -99,7 +101,7 @@ def test_a_feed_gives_the_list_trace_and_asks_exactly_when_a_word_is_missing(
         arch, words, policy, layout, pushes, final):
     model = model_of(arch)
     kw = dict(policy=policy, layout=layout, max_new_words=12)
-    expected = translate(model, tok(), words, **kw).without_times()
+    expected = untimed_trace(translate(model, tok(), words, **kw))
     events, needs = run_feed(model, words, pushes, final=final, **kw)
     assert untimed(events) == list(expected.events)
     for position, waiting in needs:
@@ -118,16 +120,16 @@ def test_a_feed_gives_the_list_trace_and_asks_exactly_when_a_word_is_missing(
 def test_a_complete_feed_translates_to_the_list_trace():
     model = model_of("llama")
     words = POOL[:7]
-    expected = translate(model, tok(), words, k=2, max_new_words=10).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=2, max_new_words=10))
     feed = Feed()
     for i, w in enumerate(words):
         feed.push(w, last=i == len(words) - 1)
-    assert translate(model, tok(), feed, k=2, max_new_words=10).without_times() == expected
+    assert untimed_trace(translate(model, tok(), feed, k=2, max_new_words=10)) == expected
     ended = Feed()
     for w in words:
         ended.push(w)
     ended.end()  # nothing read yet: the last pushed word takes the suffix
-    assert translate(model, tok(), ended, k=2, max_new_words=10).without_times() == expected
+    assert untimed_trace(translate(model, tok(), ended, k=2, max_new_words=10)) == expected
 
 
 def test_the_last_pushed_word_carries_the_suffix_and_no_other():
@@ -175,7 +177,7 @@ def test_a_forced_read_after_a_dropped_eos_survives_the_wait_for_input():
     eos = tok().eos_token_id
     model = ConstantLM(len(tok()), eos)
     words = POOL[:4]
-    expected = translate(model, tok(), words, k=1).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=1))
     kinds = [type(e) for e in expected.events]
     assert kinds == [Read, DroppedEos, Read, DroppedEos, Read, DroppedEos, Read, Finish]
     events, needs = run_feed(model, words, [], k=1)
@@ -186,7 +188,7 @@ def test_a_forced_read_after_a_dropped_eos_survives_the_wait_for_input():
 def test_asking_again_without_pushing_changes_nothing():
     model = model_of("llama")
     words = POOL[:5]
-    expected = translate(model, tok(), words, k=2, max_new_words=8).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=2, max_new_words=8))
     feed = Feed()
     it = stream(model, tok(), feed, k=2, max_new_words=8)
     events, asked = [], 0
@@ -244,18 +246,23 @@ def test_pushing_after_the_last_word_is_an_error():
         ended.push("late")
 
 
-def test_end_after_the_final_word_was_read_is_an_error():
+def test_end_after_the_final_word_was_read_reads_the_suffix_alone():
     feed = Feed()
-    it = stream(model_of("llama"), tok(), feed, k=3)
+    it = stream(model_of("llama"), tok(), feed, k=3, max_new_words=4)
     assert next(it) is NEED_INPUT
     feed.push("The")
-    assert isinstance(next(it), Read)
+    first = next(it)
+    assert isinstance(first, Read) and first.token_ids == tuple(
+        template_for(tok(), system=DEFAULT_SYSTEM).word_ids(0, "The"))  # no suffix
     assert next(it) is NEED_INPUT  # wait-3 wants a second word
-    with pytest.raises(ValueError, match="push the final word with last=True"):
-        feed.end()
-    assert not feed.complete
-    feed.push("weather", last=True)  # still usable: the proper way to finish
-    assert [e.word for e in it if isinstance(e, Read)] == ["weather"]
+    feed.end()
+    assert feed.complete
+    rest = list(it)
+    assert rest[0] == SourceEnd(1, template_for(tok(), system=DEFAULT_SYSTEM).suffix_ids,
+                                rest[0].t)
+    assert not any(isinstance(e, Read) for e in rest) and isinstance(rest[-1], Finish)
+    trace = translate(model_of("llama"), tok(), ["The"], k=3, max_new_words=4)
+    assert check_trace(Trace(trace.settings, ("The",), (first, *rest))) == []
 
 
 @pytest.mark.parametrize("word, last, error, match", [

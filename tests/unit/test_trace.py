@@ -20,6 +20,7 @@ from simulref.trace import (
     Finish,
     Read,
     Settings,
+    SourceEnd,
     Trace,
     Write,
     read_traces,
@@ -42,6 +43,7 @@ events = st.one_of(
     st.builds(Write, index, words, token_ids, times),
     st.builds(DroppedEos, index, times),
     st.builds(BlankRun, index, token_ids, times),
+    st.builds(SourceEnd, index, token_ids, times),
     st.builds(Finish, st.sampled_from(FINISH_REASONS), times),
 )
 scalars = st.one_of(
@@ -194,7 +196,7 @@ def test_the_format_is_pinned():
                    Read(1, "there", (2, 3)), Finish("eos")))
     assert small.to_jsonl(times=False) == (
         '{"delays": [1], "finish_reason": "eos", "record": "trace", '
-        '"schema": "simulref.trace/2", "settings": {"extra": {"sampler": "greedy"}, "k": 2, '
+        '"schema": "simulref.trace/3", "settings": {"extra": {"sampler": "greedy"}, "k": 2, '
         '"layout": "group", "max_new_words": null, "max_tokens_per_word": 50, '
         '"model": "smollm2-135m", "stop_at_first_eos": false, "system": "Translate to French", '
         '"target_start": "auto"}, "source_words": ["Hi", "there"], "target_words": ["Salut"]}\n'
@@ -240,7 +242,7 @@ def test_schema_1_files_still_read():
         ("\n".join(_lines()[:2] + ["[1, 2]"] + _lines()[3:]), 3, "expected a JSON object"),
         ("\n".join(_lines()[1:]), 1, "'trace' header record first"),
         (_edit(2, record="reed"), 2, "expected 'record' to be one of"),
-        (_edit(1, schema="simulref.trace/3"), 1, "unsupported schema"),
+        (_edit(1, schema="simulref.trace/4"), 1, "unsupported schema"),
         (_edit(1, delays=[2, 3, 4, 5]), 1, "header delays"),
         (_edit(1, target_words=["Le"]), 1, "header target_words"),
         (_edit(1, finish_reason=None), 1, "header finish_reason"),
@@ -402,7 +404,7 @@ def test_every_record_written_matches_the_schema(trace, with_times):
 
 @pytest.mark.parametrize(
     ("line", "change"),
-    [(1, {"schema": "simulref.trace/3"}), (1, {"delays": [-1]}), (2, {"word": 3}),
+    [(1, {"schema": "simulref.trace/4"}), (1, {"delays": [-1]}), (2, {"word": 3}),
      (2, {"colour": "red"}), (3, {"token_ids": [1.5]}), (11, {"reason": "tired"}),
      (1, {"settings": {"model": "m", "k": 1, "layout": "", "system": ""}})],
 )
@@ -426,3 +428,16 @@ def test_render_compact():
     blank = Trace(settings_example(), ("a", "b"),
                   (Read(0, "a", (1,)), BlankRun(0, (3, 3)), Read(1, "b", (2,))))
     assert render_compact(blank) == "R a  B  R b"
+    ended = Trace(settings_example(), ("a",), (Read(0, "a", (1,)), SourceEnd(1, (4, 5)),
+                                               Finish("eos")))
+    assert render_compact(ended) == "R a  R$  F:eos"
+
+
+def test_a_source_end_round_trips_and_older_schemas_lack_it():
+    ended = Trace(settings_example(), ("a",), (Read(0, "a", (1,), 0.1),
+                                               SourceEnd(1, (4, 5), 0.2), Finish("eos", 0.3)))
+    assert read_traces(ended.to_jsonl()) == [ended]
+    older = ended.to_jsonl().replace("simulref.trace/3", "simulref.trace/2")
+    with pytest.raises(ValueError, match="'source_end' records do not exist in schema "
+                                         "'simulref.trace/2'"):
+        read_traces(older)

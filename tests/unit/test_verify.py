@@ -27,6 +27,7 @@ from simulref.trace import (
     Finish,
     Read,
     Settings,
+    SourceEnd,
     Trace,
     Write,
     read_traces,
@@ -322,6 +323,44 @@ def test_a_write_one_read_too_early_is_caught():
     assert str(early).startswith("trace.early_write: event 3, target 1: ")
     assert str(early).endswith("(expected >= 3, got 2)")
     assert check_schedule(hand(events).delays, 4, 2)[0].target_index == 1
+
+
+# The same trace from a live source: the suffix read alone once the stream ended.
+END = SourceEnd(4, (90, 91))
+LIVE = [R(0), R(1), W(0), R(2), W(1), R(3), W(2), END, W(3), Finish("eos")]
+
+
+def test_a_live_source_end_passes_where_the_decoder_puts_it():
+    assert check_trace(hand(LIVE)) == []
+    # wait-2 wants 2 + 3 = 5 words before target word 3: it tries to read and finds the end
+    assert check_trace(hand([*GOOD[:7], END, W(3), Finish("eos")])) == []
+    # a dropped EOS forces the attempt too
+    eos = [R(0), R(1), W(0), R(2), W(1), R(3), W(2), W(3), DroppedEos(3), END,
+           Finish("eos")]
+    assert check_trace(hand(eos)) == []
+
+
+@pytest.mark.parametrize("events, where", [
+    ([R(0), R(1), W(0), R(2), END, W(1), W(2), Finish("eos")], 4),  # before the last word
+    ([*LIVE[:7], SourceEnd(3, (90,)), W(3), Finish("eos")], 7),  # wrong count
+    ([*LIVE[:8], END, W(3), Finish("eos")], 8),  # twice
+    ([R(0), R(1), W(0), R(2), W(1), END, R(3), W(2), W(3), Finish("eos")], 5),
+    ([*LIVE[:9], DroppedEos(3), Finish("eos")], 9),  # EOS dropped after the end
+])
+def test_a_misplaced_source_end_is_caught(events, where):
+    found = check_trace(hand(events))
+    assert found and min(v.event_index for v in found) <= where + 1, found
+    assert rules(found) & {"trace.source_end", "trace.dropped_eos"}
+
+
+def test_a_source_end_wait_k_did_not_ask_for_is_caught():
+    # wait-3 over 4 words: after target word 1 it wants 3 + 2 = 5 words, so it tries to
+    # read and finds the end; right after the 4th word it wants only 4 and writes.
+    asked = [R(0), R(1), R(2), W(0), R(3), W(1), END, W(2), Finish("eos")]
+    assert check_trace(hand(asked, k=3)) == []
+    for unasked in ([R(0), R(1), R(2), W(0), R(3), END, W(1), W(2), Finish("eos")],
+                    [R(0), R(1), R(2), R(3), END, W(0), Finish("eos")]):
+        assert rules(check_trace(hand(unasked, k=3))) >= {"trace.extra_read"}
 
 
 def test_k_argument_overrides_settings():

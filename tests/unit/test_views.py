@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from simulref.policy import WaitK, schedule
-from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
 from simulref.views import (
     VIEWS,
     live_view,
@@ -233,3 +233,10 @@ def test_a_blank_run_shows_in_every_view():
     assert render(live_view(BLANK, SOURCE)).splitlines()[-1] == (
         "read 2/? · written 1 · lag 1 · blank runs ×1 · running"
     )
+
+
+def test_trace_view_shows_the_end_of_a_live_source():
+    events = [Read(0, "a", (1,), 0.0), SourceEnd(1, (7, 8), 0.25), Write(0, " b", (2,), 0.5),
+              Finish("eos", 0.75)]
+    text = render(trace_view(events, ["a"]))
+    assert " 0.250   end      1   end of source        2" in text
