@@ -11,20 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
+from .checks import check_int
 from .prompt import DEFAULT_SYSTEM, _check_system
 
 LAYOUTS = ("group", "interleaved", "reencode")
 # "auto" picks the fastest engine that applies (docs/decoder.md, "Engines").
 ENGINES = ("auto", "incremental", "prefilled", "fused", "reencode")
 DTYPES = ("float32", "bfloat16", "float16", "quantized")
-
-
-def _check_int(name: str, value, minimum: int, allow_none: bool = False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,10 +45,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.policy is None:
-            if isinstance(self.k, bool) or not isinstance(self.k, int):
-                raise TypeError(f"k: expected an int >= 1, got {self.k!r}")
-            if self.k < 1:
-                raise ValueError(f"k: expected an int >= 1, got {self.k!r}")
+            check_int("k", self.k, minimum=1)
         elif not callable(getattr(self.policy, "decide", None)):
             raise TypeError(f"policy: expected an object with a decide() method, "
                             f"got {self.policy!r}")
@@ -70,8 +60,8 @@ class DecodeConfig:
                 raise ValueError(f"target_start: an explicit start applies to the 'group' "
                                  f"layout only, got target_start={ts!r} with "
                                  f"layout={self.layout!r}")
-        _check_int("max_tokens_per_word", self.max_tokens_per_word, 1)
-        _check_int("max_new_words", self.max_new_words, 0, allow_none=True)
+        check_int("max_tokens_per_word", self.max_tokens_per_word, minimum=1)
+        check_int("max_new_words", self.max_new_words, minimum=0, none_ok=True)
         if not isinstance(self.stop_at_first_eos, bool):
             raise TypeError(f"stop_at_first_eos: expected a bool, got {self.stop_at_first_eos!r}")
         if self.sampler is not None and not callable(self.sampler):

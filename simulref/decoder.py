@@ -35,11 +35,14 @@ from .engine import (
     ReencodeEngine,
     supports_row_offsets,
 )
+from .limits import context_length
 from .policy import READ
 from .prompt import template_for
 from .trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Trace, Write
 
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
+# Finish reason of a run whose next read or token would not fit in the model's context.
+CONTEXT_LIMIT = "context_limit"
 
 
 # ---------------------------------------------------------------- token pieces
@@ -301,8 +304,9 @@ class _Run:
     tokens reach the model is the engine's business (:mod:`simulref.engine`)."""
 
     def __init__(self, engine, template, source: _Source, word_ids, policy, table: TokenTable,
-                 eos, max_tokens_per_word, max_new_words, stop_at_first_eos):
+                 eos, max_tokens_per_word, max_new_words, stop_at_first_eos, context: int):
         self.engine = engine
+        self.context = context  # slots the model's context holds
         self.template = template
         self.source = source
         self.word_ids = word_ids  # ids of the words of a source known up front
@@ -316,6 +320,7 @@ class _Run:
         self.read = 0
         self.written = 0
         self.source_done = False
+        self.source_tokens = len(template.prefix_ids)  # prefix + words read
 
     @property
     def caches(self):
@@ -338,6 +343,9 @@ class _Run:
             return None
         if got is _END:
             ids = tuple(self.template.suffix_ids)
+            if not self._fits(len(ids)):
+                return CONTEXT_LIMIT
+            self.source_tokens += len(ids)
             if ids:  # (a chat format may end the user turn with nothing)
                 self.engine.read(ids)
             self.source_done = True
@@ -346,12 +354,22 @@ class _Run:
         ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
         if is_last:
             ids += tuple(self.template.suffix_ids)
+        if not self._fits(len(ids)):
+            return CONTEXT_LIMIT
+        self.source_tokens += len(ids)
         self.engine.read(ids)
         event = Read(self.read, word, ids, time.monotonic())
         self.read += 1
         if is_last:
             self.source_done = True
         return event
+
+    def _fits(self, tokens: int) -> bool:
+        """Whether ``tokens`` more, and one for the next target token, stay inside the
+        model's context. What counts is what the next query sees, the same for every
+        engine: the source read so far and the target tokens fed (the prefilled engine
+        holds unread source too, but masked: those slots are not part of the sequence)."""
+        return self.source_tokens + len(self.engine.fed) + tokens + 1 <= self.context
 
     def _speculate(self) -> bool:
         # Feeding the sampled token before looking at it (mx.async_eval pipelining, as
@@ -391,6 +409,9 @@ class _Run:
                 if event is NEED_INPUT:
                     yield event  # the caller pushes a word; force_read still holds
                     continue
+                if event is CONTEXT_LIMIT:
+                    yield Finish(CONTEXT_LIMIT, time.monotonic())
+                    return
                 force_read = False
                 if event is not None:
                     yield event
@@ -401,6 +422,9 @@ class _Run:
             # Write one word.
             word: list[int] = []
             content = False
+            if not self.engine.fed and not self._fits(len(self.template.header_ids) - 1):
+                yield Finish(CONTEXT_LIMIT, time.monotonic())
+                return
             while True:
                 token = self.engine.peek(not self.source_done)
                 if token in self.eos:
@@ -432,11 +456,17 @@ class _Run:
                     break
                 content = content or self.table.has_content(token)
                 word.append(token)
-                self.engine.accept(token, self._speculate(), not self.source_done)
+                if not self._fits(0):  # no room to feed it: the word ends here, and the run
+                    if content:
+                        yield self._write(word)
+                    yield Finish(CONTEXT_LIMIT, time.monotonic())
+                    return
+                self.engine.accept(token, self._speculate() and self._fits(1),
+                                   not self.source_done)
 
 
 def _make_engine(config: DecodeConfig, model, template, source: _Source, word_ids,
-                 on_forward):
+                 on_forward, context: int):
     name = engine_name(config, model, source.length is not None)
     common = dict(target_start=config.target_start, sampler=config.sampler,
                   on_forward=on_forward)
@@ -447,7 +477,14 @@ def _make_engine(config: DecodeConfig, model, template, source: _Source, word_id
         words = [word_ids[i] for i in range(source.length)]
         if words:
             words[-1] = words[-1] + tuple(template.suffix_ids)
-        return PrefilledEngine(model, template, words, **common)
+        prompt = (len(template.prefix_ids) + sum(map(len, words))
+                  + len(template.header_ids))
+        if prompt < context:
+            return PrefilledEngine(model, template, words, **common)
+        if config.engine == "prefilled":
+            raise ValueError(f"engine: 'prefilled' needs the whole prompt ({prompt} tokens) "
+                             f"inside the model's context of {context} tokens")
+        name = "incremental"  # it reads what fits, then stops at the context limit
     if name == "fused":
         if source.length is not None:
             raise ValueError("engine: 'fused' is for a live source (an iterator or a Feed); "
@@ -479,10 +516,11 @@ def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None) -
     # rather than halfway through the stream.
     word_ids = ({} if words.length is None else
                 {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
-    engine = _make_engine(config, model, template, words, word_ids, on_forward)
+    context = context_length(model)
+    engine = _make_engine(config, model, template, words, word_ids, on_forward, context)
     return _Run(engine, template, words, word_ids, config.the_policy(), token_table(tokenizer),
                 frozenset(tokenizer.eos_token_ids), config.max_tokens_per_word,
-                config.max_new_words, config.stop_at_first_eos)
+                config.max_new_words, config.stop_at_first_eos, context)
 
 
 def stream(model, tokenizer, source, config: DecodeConfig | None = None, *,

@@ -308,7 +308,6 @@ class FusedEngine(IncrementalEngine):
         super().__init__(model, template, layout="group", target_start=target_start,
                          sampler=sampler, on_forward=on_forward, known_source=False)
         self.held: list[int] | None = None  # read, waiting to go in with the re-feed
-
     def read(self, ids: Sequence[int]) -> None:
         import mlx.core as mx
 
@@ -405,7 +404,6 @@ class PrefilledEngine(_Engine):
     @property
     def budget(self) -> int:
         return self.ends[self.read_count]
-
     # -- the loop's calls
 
     def start(self, prefix_ids: Sequence[int]) -> None:

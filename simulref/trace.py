@@ -28,6 +28,7 @@ OLDER_SCHEMAS = {"simulref.trace/2": frozenset({"source_end"}),
 
 FINISH_REASONS = (
     "eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled", "empty_source",
+    "context_limit",
 )
 
 

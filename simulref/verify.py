@@ -49,7 +49,7 @@ _SOURCE_ENDED = ("eos", "max_tokens_per_word")
 # Finish reasons the decoder gives while trying to write a word.
 _AT_WRITE_ATTEMPT = ("eos", "early_eos", "max_tokens_per_word")
 # What may end a stream right after a dropped EOS or a blank run (else it reads on).
-_AFTER_FORCED_READ = ("max_new_words", "cancelled")
+_AFTER_FORCED_READ = ("max_new_words", "cancelled", "context_limit")
 
 
 class _Unset:

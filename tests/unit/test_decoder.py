@@ -827,3 +827,49 @@ def test_sentencepiece_token_table_keeps_leading_spaces_and_bytes():
                     else spm.convert_ids_to_tokens(i) for i in ids)
     assert words.split("|")[1:] == ["\u2581hello", "\u2581world", "<0x0A>o<0x6B>",
                                     "\u2581<0xC3><0xA9>"]
+
+
+# ---------------------------------------------------------------- the context limit
+
+
+def short_context_model(context: int):
+    model = tiny_model("llama")
+    model.args.max_position_embeddings = context
+    return model
+
+
+def full_prompt(words) -> int:
+    template = template_for(tok(), system=DEFAULT_SYSTEM)
+    prompt = assemble(tok(), list(words), system=DEFAULT_SYSTEM)
+    return len(prompt.ids) + len(template.header_ids)
+
+
+@pytest.mark.parametrize("live, engines", [(False, ("incremental", "prefilled")),
+                                           (True, ("incremental", "fused"))])
+def test_a_run_that_reaches_the_context_limit_ends_with_its_own_finish(live, engines):
+    """The next token or read would not fit: the run ends with "context_limit", the trace
+    kept (valid, every engine the same), and no forward ever went past the context."""
+    context = full_prompt(SENTENCE) + 4
+    model = short_context_model(context)
+    traces = {}
+    for engine in engines:
+        records = []
+        traces[engine] = translate(model, tok(), iter(SENTENCE) if live else SENTENCE, k=2,
+                                   max_new_words=40, engine=engine, on_forward=records.append)
+        if engine == "incremental":  # its slots are the sequence itself
+            assert max(r.start + np.array(r.tokens).size for r in records) <= context
+    trace = traces["incremental"]
+    assert trace.finish_reason == "context_limit"
+    assert trace.writes and check_trace(trace) == []
+    assert untimed(traces[engines[1]]) == untimed(trace)
+    assert trace.settings.option("engine") == "incremental"
+
+
+def test_a_known_source_longer_than_the_context_is_read_as_far_as_it_fits():
+    model = short_context_model(full_prompt(SENTENCE) - 6)
+    trace = translate(model, tok(), SENTENCE, k=2, max_new_words=40)  # auto: incremental
+    assert trace.settings.option("engine") == "incremental"
+    assert trace.finish_reason == "context_limit" and len(trace.reads) < len(SENTENCE)
+    assert check_trace(trace) == []
+    with pytest.raises(ValueError, match="'prefilled' needs the whole prompt"):
+        translate(model, tok(), SENTENCE, k=2, engine="prefilled")
