@@ -28,6 +28,16 @@ is only the positions handed to RoPE and the mask:
 
 The decoder announces every chunk with :meth:`StreamState.begin` before calling the
 model; a cache fed a chunk that was not announced raises instead of misplacing it.
+
+**Source budgets** (group layout). A target chunk may say how much of the source each of
+its queries sees: ``begin(TARGET, n, visible=V)``, V the number of source tokens (the
+first ones in source order) visible to each query, an int or an array of shape
+``(rows, n)``. This is what lets a source be prefilled whole while a target query sees
+only the words read so far (the prefilled engine), lets one forward carry the same token
+in several *rows* with different budgets (two-budget rows), and lets training build the
+decoder's wait-k masks (one row per example). A layer buffer holds as many rows as the
+widest chunk fed; rows agree on every slot but those of the last chunk until
+:meth:`StreamCache.keep` picks one.
 """
 
 from __future__ import annotations
@@ -73,30 +83,47 @@ class StreamState:
         self.target_start = self.fixed_target_start
         self.offset = 0
         self._chunk: tuple[bool, int, int] | None = None  # (is_target, n, first slot)
+        self._visible: np.ndarray | None = None  # (rows, n) source budgets of that chunk
+
+    def start_target_group(self, start: int) -> None:
+        """Fix the first target position now, if ``target_start="auto"`` left it open (an
+        engine that feeds alternative budgets in several rows fixes it from the budget the
+        incremental decoder would have had)."""
+        if self.target_start is None:
+            self.target_start = start
 
     @property
     def length(self) -> int:
         return self.n_source + self.n_target
 
-    def begin(self, kind: str, n: int) -> int:
+    def begin(self, kind: str, n: int, visible=None):
         """Announce the next chunk: ``n`` tokens of ``kind`` (``"source"``/``"target"``).
 
-        Returns the position of its first token; the chunk's tokens take consecutive
-        positions from there.
+        ``visible`` (target chunks, group layout): source tokens each query may see, the
+        first ones in source order; an int, or an array of shape ``(rows, n)``. None: every
+        source token in the cache. With ``target_start="auto"`` the target group starts
+        at the budget of each row's first target token (the source tokens read at the
+        first write).
+
+        Returns the position of its first token (an array of one per row when rows start
+        at different positions); the chunk's tokens take consecutive positions from there.
         """
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
         if n < 1:
             raise ValueError(f"n: expected a chunk of at least one token, got {n!r}")
         is_target = kind == TARGET
+        budgets = self._check_visible(visible, n, is_target)
         if self.layout == "interleaved":
             position = self.length
         elif is_target:
             if self.target_start is None:  # "auto": fixed by the first target token fed
-                self.target_start = self.n_source
+                self.target_start = (self.n_source if budgets is None
+                                     else _one_or_many(budgets[:, 0]))
             position = self.target_start + self.n_target
         else:
             position = self.n_source
+        self._visible = budgets
         self._chunk = (is_target, n, self.length)
         if self.runs and self.runs[-1][0] == is_target:
             self.runs[-1][1] += n
@@ -106,8 +133,27 @@ class StreamState:
             self.n_target += n
         else:
             self.n_source += n
-        self.offset = position
+        self.offset = _offset(position)
         return position
+
+    def _check_visible(self, visible, n: int, is_target: bool) -> np.ndarray | None:
+        if visible is None:
+            return None
+        if not is_target or self.layout != "group":
+            raise ValueError("visible: a source budget applies to target chunks in the "
+                             "'group' layout only")
+        budgets = np.asarray(visible)
+        if budgets.dtype.kind not in "iu":
+            raise TypeError(f"visible: expected ints, got {budgets.dtype}")
+        if budgets.ndim == 0:
+            budgets = np.full((1, n), int(budgets))
+        if budgets.ndim != 2 or budgets.shape[1] != n:
+            raise ValueError(f"visible: expected an int or shape (rows, {n}), "
+                             f"got shape {budgets.shape}")
+        if budgets.size and (budgets.min() < 0 or budgets.max() > self.n_source):
+            raise ValueError(f"visible: expected budgets in [0, {self.n_source}] (the source "
+                             f"tokens in the cache), got {budgets.min()}..{budgets.max()}")
+        return budgets.astype(np.int64)
 
     def check_chunk(self, start: int, n: int) -> None:
         """Raise unless a layer holding ``start`` slots may take the announced ``n`` tokens."""
@@ -134,6 +180,7 @@ class StreamState:
                 self.n_source -= take
             excess -= take
         self._chunk = None
+        self._visible = None
 
     def slot_is_target(self) -> np.ndarray:
         """One bool per slot, in feeding order: whether it holds a target token."""
@@ -154,6 +201,8 @@ class StreamState:
             raise RuntimeError(f"StreamCache: mask asked for {n} token(s) but the announced "
                                f"chunk is {self._chunk}")
         is_target, _, start = self._chunk
+        if self._visible is not None:
+            return mx.array(self._budget_mask(start, n)[:, None])
         if self.layout == "group" and not is_target and self.n_target > 0:
             # A source chunk must not see target keys: the source part of the cache stays
             # what a prefill of the source alone would give.
@@ -168,11 +217,48 @@ class StreamState:
             return mx.array(keys[None, :] <= (start + np.arange(n))[:, None])
         return "causal"  # mlx aligns it to the last keys: the chunk sees everything before it
 
-    def positions(self) -> tuple[int, ...]:
-        """Positions of the tokens of the announced chunk."""
+    def _budget_mask(self, start: int, n: int) -> np.ndarray:
+        """(rows, n, keys): a query sees the target slots up to itself and the source
+        slots whose rank in source order is below its budget."""
+        is_target = self.slot_is_target()
+        source_rank = np.cumsum(~is_target) - ~is_target
+        causal = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]
+        targets = is_target[None, :] & causal
+        sources = (~is_target & causal)[None] & (
+            source_rank[None, None, :] < self._visible[:, :, None])
+        return sources | targets[None]
+
+    def positions(self):
+        """Positions of the tokens of the announced chunk (a tuple per row when rows
+        start at different positions)."""
         if self._chunk is None:
             return ()
-        return tuple(range(self.offset, self.offset + self._chunk[1]))
+        is_target, n, _ = self._chunk
+        if self.layout == "interleaved":
+            first = self.length - n
+        elif is_target:
+            first = self.target_start + self.n_target - n
+        else:
+            first = self.n_source - n
+        if isinstance(first, np.ndarray):
+            return tuple(tuple(range(int(f), int(f) + n)) for f in first)
+        return tuple(range(int(first), int(first) + n))
+
+
+def _one_or_many(values: np.ndarray):
+    """An int when every row agrees, else the per-row array."""
+    values = np.asarray(values, dtype=np.int64)
+    return int(values[0]) if (values == values[0]).all() else values
+
+
+def _offset(position):
+    """``cache.offset`` as mlx-lm's attention hands it to ``mx.fast.rope``: an int, or an
+    array of one offset per batch row."""
+    if isinstance(position, np.ndarray):
+        import mlx.core as mx
+
+        return mx.array(position.astype(np.int32))
+    return position
 
 
 class StreamCache:
@@ -190,12 +276,29 @@ class StreamCache:
     def offset(self) -> int:
         return self.shared.offset
 
+    @property
+    def rows(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
     def update_and_fetch(self, keys, values):
+        """Append the chunk's keys/values. The buffer widens to the chunk's rows (the
+        slots so far are the same in every row); a one-row chunk after a wider one
+        narrows it to row 0 (call :meth:`keep` first to choose what row 0 holds)."""
         import mlx.core as mx
 
         n = keys.shape[2]
         prev = self.length
         self.shared.check_chunk(prev, n)
+        rows = keys.shape[0]
+        if self.keys is not None and rows != self.rows:
+            if rows == 1:
+                self.keys, self.values = self.keys[:1], self.values[:1]
+            elif self.rows == 1:
+                self.keys = mx.repeat(self.keys, rows, axis=0)
+                self.values = mx.repeat(self.values, rows, axis=0)
+            else:
+                raise ValueError(f"StreamCache: a chunk of {rows} rows reached a buffer of "
+                                 f"{self.rows} rows")
         if self.keys is None or prev + n > self.keys.shape[2]:
             # Grow in steps: no per-token concatenation on the decode path.
             B, n_kv_heads, _, k_dim = keys.shape
@@ -211,6 +314,17 @@ class StreamCache:
         self.values[..., prev : prev + n, :] = values
         self.length = prev + n
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def keep(self, row: int, n: int = 1) -> None:
+        """Make every row hold row ``row``'s entries in the last ``n`` slots (the rows of
+        a multi-budget forward become one choice)."""
+        if self.rows <= 1 or n <= 0:
+            return
+        if not 0 <= row < self.rows:
+            raise ValueError(f"row: expected 0 <= row < {self.rows}, got {row!r}")
+        lo = self.length - n
+        self.keys[:, :, lo : self.length, :] = self.keys[row : row + 1, :, lo : self.length, :]
+        self.values[:, :, lo : self.length, :] = self.values[row : row + 1, :, lo : self.length, :]
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         return self.shared.make_mask(N, return_array=return_array, window_size=window_size)

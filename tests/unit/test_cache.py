@@ -204,3 +204,115 @@ def test_recurrent_caches_are_refused():
                            time_step_rank=4)
     with pytest.raises(ValueError, match="ArraysCache|MambaCache"):
         make_stream_cache(mamba.Model(args))
+
+
+# ---------------------------------------------------------------- source budgets, rows
+
+
+def budget_mask_model(slots: list[bool], n: int, budgets) -> np.ndarray:
+    """Obviously correct: query q (the q-th of the last n slots) of row r sees a slot at
+    or before itself that is a target slot, or a source slot among the first
+    budgets[r][q] source slots."""
+    total = len(slots)
+    out = np.zeros((len(budgets), n, total), dtype=bool)
+    for r, row in enumerate(budgets):
+        for q in range(n):
+            query = total - n + q
+            rank = 0
+            for key, is_target in enumerate(slots):
+                if key <= query:
+                    out[r, q, key] = is_target or rank < row[q]
+                if not is_target:
+                    rank += 1
+    return out
+
+
+@settings(max_examples=150)
+@given(data=st.data(), ops=ops, rows=st.integers(1, 3), start=st.sampled_from(["auto", 0, 3]))
+def test_budget_masks_and_positions_match_the_slot_model(data, ops, rows, start):
+    state = StreamState("group", start)
+    ref = SlotModel(start)
+    for kind, n in ops:
+        if kind is None:
+            state.truncate(max(0, state.length - n))
+            ref.trim(n)
+            continue
+        n_source = len(ref.slots) - sum(ref.slots)
+        if kind == TARGET and n_source:
+            budgets = data.draw(st.lists(st.lists(st.integers(0, n_source), min_size=n,
+                                                  max_size=n), min_size=rows, max_size=rows))
+            if ref.target_start is None:
+                firsts = {row[0] for row in budgets}
+                ref.target_start = budgets[0][0] if len(firsts) == 1 else [
+                    row[0] for row in budgets]
+            state.begin(kind, n, visible=budgets)
+            ref.slots += [True] * n
+            mask = np.array(state.make_mask(n))[:, 0]
+            assert np.array_equal(mask, budget_mask_model(ref.slots, n, budgets))
+            k = sum(ref.slots) - n
+            starts = ref.target_start if isinstance(ref.target_start, list) else None
+            if starts is None:
+                assert state.positions() == tuple(range(ref.target_start + k,
+                                                        ref.target_start + k + n))
+            else:
+                assert state.positions() == tuple(tuple(range(s + k, s + k + n))
+                                                  for s in starts)
+                assert np.array(state.offset).tolist() == [s + k for s in starts]
+        else:
+            state.begin(kind, n)
+            ref.feed(kind == TARGET, n)
+
+
+@pytest.mark.parametrize("visible, error", [
+    (5, ValueError), ([[1, 2]], ValueError), ([[1.5]], TypeError), ([[-1]], ValueError)])
+def test_bad_budgets_are_refused(visible, error):
+    state = StreamState("group")
+    state.begin(SOURCE, 3)
+    with pytest.raises(error, match="visible"):
+        state.begin(TARGET, 1, visible=visible)
+
+
+def test_budgets_need_a_group_target_chunk():
+    state = StreamState("interleaved")
+    state.begin(SOURCE, 3)
+    with pytest.raises(ValueError, match="group"):
+        state.begin(TARGET, 1, visible=2)
+    with pytest.raises(ValueError, match="target chunks"):
+        StreamState("group").begin(SOURCE, 1, visible=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rows_with_two_budgets_equal_one_row_forwards(arch):
+    """One token in two rows (budgets 4 and 7 of 9 source tokens) gives each row the
+    logits, keys and values of a one-row forward with that budget; keep() then makes both
+    rows hold the chosen row's entry, and a one-row chunk narrows the buffer."""
+    model = tiny_model(arch)
+    source = mx.array([[5, 9, 14, 3, 22, 8, 30, 11, 2]])
+    target = [17, 4]
+
+    def run(visibles):
+        caches = make_stream_cache(model)
+        caches[0].shared.begin(SOURCE, 9)
+        model(source, cache=caches)
+        caches[0].shared.start_target_group(4)
+        caches[0].shared.begin(TARGET, 1, visible=4)
+        model(mx.array([[target[0]]]), cache=caches)
+        rows = len(visibles)
+        caches[0].shared.begin(TARGET, 1, visible=[[v] for v in visibles])
+        out = model(mx.array([[target[1]]] * rows), cache=caches)
+        return caches, out[:, -1]
+
+    both_caches, both = run([4, 7])
+    for row, v in enumerate([4, 7]):
+        one_caches, one = run([v])
+        np.testing.assert_allclose(np.array(both[row]), np.array(one[0]), atol=1e-5)
+        np.testing.assert_allclose(np.array(both_caches[0].keys[row, :, :11]),
+                                   np.array(one_caches[0].keys[0, :, :11]), atol=1e-5)
+    assert np.abs(np.array(both[0]) - np.array(both[1])).max() > 1e-3  # budgets matter
+    for cache in both_caches:
+        cache.keep(1)
+    np.testing.assert_array_equal(np.array(both_caches[0].keys[0, :, :11]),
+                                  np.array(both_caches[0].keys[1, :, :11]))
+    both_caches[0].shared.begin(TARGET, 1)
+    model(mx.array([[3]]), cache=both_caches)
+    assert both_caches[0].rows == 1 and both_caches[0].length == 12
