@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from simulref import blas
+from simulref.train_cli import add_train_parser
 from simulref.verify import add_verify_parser
 
 LAYOUTS = ("group", "interleaved", "reencode")
@@ -195,13 +196,20 @@ def source_words(text: str | None, stdin=None) -> Iterable[str]:
 # --- models ------------------------------------------------------------------------------
 
 
-def load_model(spec: str | None, dtype: str | None = None):
+def load_model(spec: str | None, dtype: str | None = None, adapter: str | None = None):
     """(model, tokenizer) for a preset name or a path; a bad one is a usage error."""
     from simulref import models
 
     name = spec or models.DEFAULT_PRESET
+    if adapter is not None:
+        from simulref.adapters import check_adapter
+
+        try:
+            check_adapter(adapter)  # a missing adapter costs no model load
+        except FileNotFoundError as error:
+            raise UsageError(f"--adapter {adapter}: {error}") from None
     try:
-        return models.load(name, dtype)
+        return models.load(name, dtype, adapter=adapter)
     except (OSError, ValueError, models.DownloadError) as error:
         raise UsageError(f"--model {name}: {error}") from None
 
@@ -240,7 +248,8 @@ def trace_settings(args, *, k: int | None = None, layout: str | None = None):
         target_start=args.target_start,
         max_tokens_per_word=args.max_tokens_per_word,
         stop_at_first_eos=args.stop_at_first_eos,
-        extra={"policy": f"wait-{args.k if k is None else k}", "sampler": "greedy"},
+        extra={"policy": f"wait-{args.k if k is None else k}", "sampler": "greedy",
+               **({"adapter": args.adapter} if args.adapter else {})},
     )
 
 
@@ -257,6 +266,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) ->
                              "(default: the default preset; see `simulref models`)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default: float32 on CPU, quantized on a GPU)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="LoRA adapter directory to apply (what `simulref train` writes)")
     if many:
         parser.add_argument("-k", "--k", dest="k", type=positive_int, nargs="+",
                             metavar="K", default=None,
@@ -338,7 +349,7 @@ def collect(events: Iterator, on_event: Callable | None = None) -> tuple[list, b
 def run_translate(args) -> int:
     from simulref.trace import Finish, Read, Trace, Write, render_compact
 
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     source = source_words(args.text)
     out = sys.stdout
     written = [0]
@@ -418,7 +429,7 @@ def run_watch(args) -> int:
         raise UsageError("--delay: only with a fixed TEXT (stdin sets its own pace)")
     if args.save is not None:
         _check_writable(args.save, "--save")
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     source = source_words(args.text)
     if args.delay:
         source = paced(source, args.delay)
@@ -500,6 +511,7 @@ def run_eval(args) -> int:
         "data": args.dataset or str(path), "data_sha256": evaluate.sha256_of(pairs),
         "sentences": len(pairs), "ks": ks, "layouts": layouts,
         "word_duration": args.word_duration,
+        **({"adapter": args.adapter} if args.adapter else {}),
     }
     try:
         evaluate.check_out_dir(out, settings)
@@ -509,7 +521,7 @@ def run_eval(args) -> int:
         raise UsageError(f"--out {out}: cannot use it as the output directory "
                          f"({error.strerror or error})") from None
 
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
@@ -636,6 +648,7 @@ def run_trace(args) -> int:
 
 
 command(add_verify_parser)
+command(add_train_parser)
 
 
 # --- entry point -------------------------------------------------------------------------
