@@ -24,12 +24,12 @@ ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 class AdapterPreset:
     name: str
     base: str  # a model preset (simulref.download.PRESETS)
-    directory: str  # under simulref/adapters/
+    directory: str  # under simulref/data/adapters/
     description: str
 
     @property
     def path(self) -> Path:
-        return Path(__file__).parent / "adapters" / self.directory
+        return Path(__file__).parent / "data" / "adapters" / self.directory
 
 
 ADAPTER_PRESETS: dict[str, AdapterPreset] = {
