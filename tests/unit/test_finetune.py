@@ -73,9 +73,9 @@ def forced_decoder_logits(model, tokenizer, ex, source, k, target_start):
 
 
 def assert_agree(model, tokenizer, pairs, ks, target_start):
-    examples = [example(tokenizer, s, t, k=k) for (s, t), k in zip(pairs, ks)]
+    examples = [example(tokenizer, s, t, k=k) for (s, t), k in zip(pairs, ks, strict=True)]
     logits = finetune.target_logits(model, finetune.pad_batch(examples), target_start)
-    for row, ((source, _), k, ex) in enumerate(zip(pairs, ks, examples)):
+    for row, ((source, _), k, ex) in enumerate(zip(pairs, ks, examples, strict=True)):
         decoded = forced_decoder_logits(model, tokenizer, ex, source, k, target_start)
         assert len(decoded) == ex.scored
         for label, expected in decoded.items():
@@ -155,7 +155,7 @@ def test_word_of_tokens_cuts_where_the_decoder_does():
     ids = tokenizer.encode(text, add_special_tokens=False)
     words = finetune.word_of_tokens(table, ids)
     pieces = {}
-    for token, word in zip(ids, words):
+    for token, word in zip(ids, words, strict=True):
         pieces[word] = pieces.get(word, "") + table.text([token])
     assert [pieces[w] for w in sorted(pieces)] == ["Il", " fait", "  beau", "\naujourd'hui,",
                                                    " alors"]

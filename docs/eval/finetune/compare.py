@@ -48,7 +48,7 @@ def plot(models: list[tuple[str, list[dict]]], stem: Path) -> None:
             points = sorted((r for r in runs if r["k"] is not None), key=lambda r: r["k"])
             xs = [r["latency_reference_length"]["AL"] for r in points]
             (line,) = ax.plot(xs, [r["bleu"] for r in points], marker="o", label=name)
-            for r, x in zip(points, xs):
+            for r, x in zip(points, xs, strict=True):
                 ax.annotate(f"k={r['k']}", (x, r["bleu"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=line.get_color())
             for r in runs:
