@@ -2,7 +2,8 @@
 
 The public API, re-exported. Names that need MLX (``load``, ``stream``, ``translate``, ``train``)
 are imported on first use, so ``import simulref`` (and ``simulref.verify``,
-``simulref.metrics``, ``simulref.prompt``, ``simulref.trace``) work without MLX.
+``simulref.metrics``, ``simulref.prompt``, ``simulref.trace``, ``simulref.config``) work
+without MLX.
 """
 
 from importlib import import_module
@@ -18,7 +19,9 @@ _EXPORTS = {
     "train": "simulref.finetune",
     "LoraConfig": "simulref.finetune",
     "ADAPTER_PRESETS": "simulref.adapters",
-    "LAYOUTS": "simulref.decoder",
+    "LAYOUTS": "simulref.config",
+    "ENGINES": "simulref.config",
+    "DecodeConfig": "simulref.config",
     "Feed": "simulref.decoder",
     "NEED_INPUT": "simulref.decoder",
     "WaitK": "simulref.policy",

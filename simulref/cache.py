@@ -155,6 +155,34 @@ class StreamState:
                              f"tokens in the cache), got {budgets.min()}..{budgets.max()}")
         return budgets.astype(np.int64)
 
+    def begin_fused(self, m: int) -> tuple[int, int]:
+        """Announce a fused read (group layout): one forward of two rows, row 0 a source
+        chunk of ``m`` tokens, row 1 the last target token fed again, left-padded to ``m``
+        (its real query is the last). The chunk takes ``m + 1`` slots: the source tokens,
+        then the target token. Returns (first source position, target position)."""
+        if self.layout != "group":
+            raise ValueError("begin_fused: a fused read needs the 'group' layout")
+        if m < 1:
+            raise ValueError(f"m: expected a chunk of at least one token, got {m!r}")
+        if self.target_start is None:
+            raise RuntimeError("begin_fused: no target token was fed yet")
+        source, target = self.n_source, self.target_start + self.n_target
+        self._chunk = (None, m, self.length)  # None: a fused chunk
+        self._visible = None
+        for is_target, count in ((False, m), (True, 1)):
+            if self.runs and self.runs[-1][0] == is_target:
+                self.runs[-1][1] += count
+            else:
+                self.runs.append([is_target, count])
+        self.n_source += m
+        self.n_target += 1
+        self.offset = _offset(np.array([source, target - (m - 1)]))
+        return source, target
+
+    @property
+    def fused(self) -> bool:
+        return self._chunk is not None and self._chunk[0] is None
+
     def check_chunk(self, start: int, n: int) -> None:
         """Raise unless a layer holding ``start`` slots may take the announced ``n`` tokens."""
         chunk = self._chunk
@@ -201,6 +229,8 @@ class StreamState:
             raise RuntimeError(f"StreamCache: mask asked for {n} token(s) but the announced "
                                f"chunk is {self._chunk}")
         is_target, _, start = self._chunk
+        if is_target is None:
+            return mx.array(self._fused_mask(start, n)[:, None])
         if self._visible is not None:
             return mx.array(self._budget_mask(start, n)[:, None])
         if self.layout == "group" and not is_target and self.n_target > 0:
@@ -216,6 +246,19 @@ class StreamState:
             keys = np.arange(start + n)
             return mx.array(keys[None, :] <= (start + np.arange(n))[:, None])
         return "causal"  # mlx aligns it to the last keys: the chunk sees everything before it
+
+    def _fused_mask(self, start: int, m: int) -> np.ndarray:
+        """(2, m, keys): row 0's source queries see source slots up to themselves; row 1's
+        last query (the target token) sees every slot; its pad queries see slot 0 only
+        (their outputs are never used, but must not be NaN)."""
+        total = start + m + 1
+        keys = np.arange(total)
+        causal = keys[None, :] <= (start + np.arange(m))[:, None]
+        source = ~self.slot_is_target()[None, :] & causal
+        target = np.zeros((m, total), dtype=bool)
+        target[-1] = True
+        target[:-1, 0] = True
+        return np.stack([source, target])
 
     def _budget_mask(self, start: int, n: int) -> np.ndarray:
         """(rows, n, keys): a query sees the target slots up to itself and the source
@@ -234,6 +277,9 @@ class StreamState:
         if self._chunk is None:
             return ()
         is_target, n, _ = self._chunk
+        if is_target is None:  # fused: the source rows, then the padded target row
+            source, target = self.n_source - n, self.target_start + self.n_target - 1
+            return (tuple(range(source, source + n)), tuple(range(target - n + 1, target + 1)))
         if self.layout == "interleaved":
             first = self.length - n
         elif is_target:
@@ -289,6 +335,8 @@ class StreamCache:
         n = keys.shape[2]
         prev = self.length
         self.shared.check_chunk(prev, n)
+        if self.shared.fused:
+            return self._fused_update(keys, values)
         rows = keys.shape[0]
         if self.keys is not None and rows != self.rows:
             if rows == 1:
@@ -299,21 +347,46 @@ class StreamCache:
             else:
                 raise ValueError(f"StreamCache: a chunk of {rows} rows reached a buffer of "
                                  f"{self.rows} rows")
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            # Grow in steps: no per-token concatenation on the decode path.
-            B, n_kv_heads, _, k_dim = keys.shape
-            v_dim = values.shape[3]
-            size = ((prev + n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, n_kv_heads, size, k_dim), keys.dtype)
-            new_v = mx.zeros((B, n_kv_heads, size, v_dim), values.dtype)
-            if self.keys is not None and prev:
-                new_k[..., :prev, :] = self.keys[..., :prev, :]
-                new_v[..., :prev, :] = self.values[..., :prev, :]
-            self.keys, self.values = new_k, new_v
+        self._reserve(prev + n, keys, values)
         self.keys[..., prev : prev + n, :] = keys
         self.values[..., prev : prev + n, :] = values
         self.length = prev + n
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def _fused_update(self, keys, values):
+        """A fused read: row 0's keys are the source chunk's, row 1's last key is the
+        target token's. Both go into the one chronological buffer (source slots, then the
+        target slot); both rows get the whole buffer back."""
+        import mlx.core as mx
+
+        m, prev = keys.shape[2], self.length
+        if self.rows > 1:
+            self.keys, self.values = self.keys[:1], self.values[:1]
+        self._reserve(prev + m + 1, keys, values)
+        self.keys[..., prev : prev + m, :] = keys[:1]
+        self.values[..., prev : prev + m, :] = values[:1]
+        self.keys[..., prev + m : prev + m + 1, :] = keys[1:2, :, m - 1 : m]
+        self.values[..., prev + m : prev + m + 1, :] = values[1:2, :, m - 1 : m]
+        self.length = prev + m + 1
+        k, v = self.keys[..., : self.length, :], self.values[..., : self.length, :]
+        return mx.broadcast_to(k, (2, *k.shape[1:])), mx.broadcast_to(v, (2, *v.shape[1:]))
+
+    def _reserve(self, total: int, keys, values) -> None:
+        """Room for ``total`` slots, grown in steps (no per-token concatenation)."""
+        import mlx.core as mx
+
+        if self.keys is not None and total <= self.keys.shape[2]:
+            return
+        prev = self.length
+        B = self.keys.shape[0] if self.keys is not None else keys.shape[0]
+        _, n_kv_heads, _, k_dim = keys.shape
+        size = ((total + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((B, n_kv_heads, size, k_dim), keys.dtype)
+        new_v = mx.zeros((B, n_kv_heads, size, values.shape[3]), values.dtype)
+        if self.keys is not None and prev:
+            new_k[..., :prev, :] = self.keys[..., :prev, :]
+            new_v[..., :prev, :] = self.values[..., :prev, :]
+        self.keys, self.values = new_k, new_v
 
     def keep(self, row: int, n: int = 1) -> None:
         """Make every row hold row ``row``'s entries in the last ``n`` slots (the rows of

@@ -23,13 +23,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from simulref import blas
+from simulref.config import DTYPES, ENGINES, LAYOUTS, DecodeConfig
 from simulref.train_cli import add_train_parser
 from simulref.verify import add_verify_parser
 
-LAYOUTS = ("group", "interleaved", "reencode")
 WATCH_MODES = ("live", "side-by-side", "trace")
-# simulref.gguf.DTYPES, kept here so that --help does not import MLX.
-DTYPES = ("float32", "bfloat16", "float16", "quantized")
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -220,15 +218,17 @@ def model_name(spec: str | None) -> str:
     return spec or models.DEFAULT_PRESET
 
 
-def decode_options(args) -> dict:
-    return dict(
-        k=args.k,
-        system=args.system,
-        layout=args.layout,
-        target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word,
-        stop_at_first_eos=args.stop_at_first_eos,
-    )
+def decode_config(args, **overrides) -> DecodeConfig:
+    """The decode options the command line gave (``overrides`` for eval's runs)."""
+    options = dict(k=args.k, system=args.system, layout=args.layout,
+                   target_start=args.target_start,
+                   max_tokens_per_word=args.max_tokens_per_word,
+                   stop_at_first_eos=args.stop_at_first_eos, engine=args.engine)
+    options.update(overrides)
+    try:
+        return DecodeConfig(**options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def rebase_times(trace, t0: float):
@@ -237,20 +237,14 @@ def rebase_times(trace, t0: float):
     return rebase_times(trace, t0)
 
 
-def trace_settings(args, *, k: int | None = None, layout: str | None = None):
-    from simulref.trace import Settings
+def trace_settings(args, source, model):
+    """The settings of a run of the command line's options over ``source``."""
+    from simulref.decoder import engine_name
 
-    return Settings(
-        model=model_name(args.model),
-        k=args.k if k is None else k,
-        layout=layout or args.layout,
-        system=args.system,
-        target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word,
-        stop_at_first_eos=args.stop_at_first_eos,
-        extra={"policy": f"wait-{args.k if k is None else k}", "sampler": "greedy",
-               **({"adapter": args.adapter} if args.adapter else {})},
-    )
+    config = decode_config(args)
+    return config.settings(model_name(args.model),
+                           engine=engine_name(config, model, isinstance(source, Sequence)),
+                           **({"adapter": args.adapter} if args.adapter else {}))
 
 
 def _default_system() -> str:
@@ -279,6 +273,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) ->
                             help="words read before the first write (default: 3)")
         parser.add_argument("--layout", choices=LAYOUTS, default="group",
                             help="cache layout (default: group)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="how tokens reach the model (default: auto: prefilled for a "
+                             "known source in the group layout, else incremental; every "
+                             "engine gives the same trace)")
     parser.add_argument("--system", default=None,
                         help="the instruction (default: translate English to French)")
     parser.add_argument("--target-start", type=target_start, default="auto",
@@ -321,7 +319,7 @@ def add_translate(subparsers) -> None:
 def stream_events(args, source: Iterable[str], model, tokenizer):
     from simulref import decoder
 
-    return decoder.stream(model, tokenizer, source, **decode_options(args))
+    return decoder.stream(model, tokenizer, source, decode_config(args))
 
 
 def collect(events: Iterator, on_event: Callable | None = None) -> tuple[list, bool]:
@@ -368,7 +366,7 @@ def run_translate(args) -> int:
     start = time.monotonic()
     events, interrupted = collect(stream_events(args, source, model, tokenizer), show)
     words = tuple(e.word for e in events if isinstance(e, Read))
-    trace = rebase_times(Trace(trace_settings(args), words, tuple(events)), start)
+    trace = rebase_times(Trace(trace_settings(args, source, model), words, tuple(events)), start)
     if args.json:
         out.write(trace.to_jsonl())
     elif args.trace:
@@ -442,7 +440,7 @@ def run_watch(args) -> int:
                                 view, Console())
     if args.save is not None:
         words = tuple(e.word for e in events if isinstance(e, Read))
-        trace = Trace(trace_settings(args), words, tuple(events))
+        trace = Trace(trace_settings(args, arrivals, model), words, tuple(events))
         write_traces(args.save, [rebase_times(trace, start)])
     return EXIT_INTERRUPTED if interrupted else 0
 
@@ -502,6 +500,8 @@ def run_eval(args) -> int:
     ks = args.k or list(evaluate.DEFAULT_KS)
     layouts = args.layout or ["group"]
     system = args.system or evaluate.default_system(args.dataset, path)
+    # Every run's options are checked before the model loads.
+    base, *_ = [decode_config(args, k=ks[0], layout=layout, system=system) for layout in layouts]
     name = model_name(args.model)
     out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
     settings = {
@@ -525,9 +525,7 @@ def run_eval(args) -> int:
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
-        settings=settings, target_start=args.target_start,
-        max_tokens_per_word=args.max_tokens_per_word, stop_at_first_eos=args.stop_at_first_eos,
-        word_duration=args.word_duration,
+        settings=settings, config=base, word_duration=args.word_duration,
     )
     try:
         summaries = _run_with_progress(job)

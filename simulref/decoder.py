@@ -27,12 +27,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .cache import SOURCE, TARGET, make_stream_cache
-from .policy import READ, WaitK
-from .prompt import DEFAULT_SYSTEM, template_for
-from .trace import BlankRun, DroppedEos, Finish, Read, Settings, Trace, Write
+from .config import ENGINES, LAYOUTS, DecodeConfig  # noqa: F401 - re-exported
+from .engine import (
+    FusedEngine,
+    IncrementalEngine,
+    PrefilledEngine,
+    ReencodeEngine,
+    supports_row_offsets,
+)
+from .policy import READ
+from .prompt import template_for
+from .trace import BlankRun, DroppedEos, Finish, Read, Trace, Write
 
-LAYOUTS = ("group", "interleaved", "reencode")
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
 
 
@@ -279,154 +285,37 @@ class _Source:
         return word, not self._pull()
 
 
-# ---------------------------------------------------------------- debugging hook
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One model call, for :func:`stream`'s ``on_forward`` hook (tests and debugging).
-
-    ``start`` is the cache slot of the chunk's first token (slots past it were trimmed
-    before this call); ``tokens`` (an ``mx.array``, possibly still lazy), ``positions``
-    and ``kind`` describe the chunk; ``logits`` are the last token's logits the decoder
-    samples from (None for source chunks, whose logits are never computed).
-    ``speculative``: the token was fed before the decoder looked at it (pipelining); it
-    may yet be dropped.
-    """
-
-    start: int
-    tokens: object
-    positions: tuple[int, ...]
-    kind: str
-    logits: object | None
-    speculative: bool = False
-
-
 # ---------------------------------------------------------------- the loop
 
 
-def _check_positive(name: str, value, allow_none: bool = False, minimum: int = 1):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def _is_greedy(sampler) -> bool:
-    if sampler is None:
-        return True
-    from mlx_lm.sample_utils import make_sampler
-
-    return sampler is make_sampler(temp=0.0)
-
-
 class _Run:
-    """One translation's state. ``events()`` is the generator behind :func:`stream`."""
+    """One translation's state. ``events()`` is the generator behind :func:`stream`; how
+    tokens reach the model is the engine's business (:mod:`simulref.engine`)."""
 
-    def __init__(self, model, template, source: _Source, word_ids, policy, table: TokenTable,
-                 eos, layout, target_start, sampler, max_tokens_per_word, max_new_words,
-                 stop_at_first_eos, on_forward):
-        self.model = model
+    def __init__(self, engine, template, source: _Source, word_ids, policy, table: TokenTable,
+                 eos, max_tokens_per_word, max_new_words, stop_at_first_eos):
+        self.engine = engine
         self.template = template
         self.source = source
         self.word_ids = word_ids  # ids of the words of a source known up front
         self.policy = policy
         self.table = table
         self.eos = eos
-        self.reencode = layout == "reencode"
-        self.caches = make_stream_cache(model, "interleaved" if self.reencode else layout,
-                                        target_start)
-        self.shared = self.caches[0].shared
-        self.greedy = _is_greedy(sampler)
-        self.sampler = sampler
         self.max_tokens_per_word = max_tokens_per_word
         self.max_new_words = max_new_words
         self.stop_at_first_eos = stop_at_first_eos
-        self.on_forward = on_forward
 
         self.read = 0
         self.written = 0
         self.source_done = False
-        self.source_ids: list[int] = []  # everything read, prefix included (for reencode)
-        self.fed: list[int] = []  # target tokens in the cache: header, then words' tokens
-        self.stale = False  # source read since the last target token was fed
-        self.pending: int | None = None  # sampled, not yet placed in a word
-        self.pending_fed = False  # ... and already fed speculatively
-        self.next_y = None  # the token sampled after feeding `pending`, when pending_fed
-        self.unfed_source: list[int] = []  # read from a known source, not yet fed
 
-    # -- model calls
+    @property
+    def caches(self):
+        return self.engine.caches
 
-    def _forward(self, tokens, kind: str, speculative: bool = False):
-        import mlx.core as mx
-
-        n = tokens.shape[0]
-        start = self.shared.length
-        self.shared.begin(kind, n)
-        out = self.model(tokens[None], cache=self.caches)
-        if kind == SOURCE:
-            if self.source.length is None:
-                # A stream may block on the next word: compute the cache meanwhile.
-                mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
-            logits = None  # only the cache is wanted
-        else:
-            logits = out[:, -1, :]
-        if self.on_forward is not None:
-            self.on_forward(Forward(start, tokens, self.shared.positions(), kind,
-                                    None if logits is None else logits[0], speculative))
-        return logits
-
-    def _sample(self, logits):
-        import mlx.core as mx
-
-        if self.greedy:
-            return mx.argmax(logits, axis=-1)
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-    def _feed_source(self, ids: Sequence[int]) -> None:
-        import mlx.core as mx
-
-        self.source_ids.extend(ids)
-        if self.reencode and self.fed:
-            return  # rebuilt from scratch before the next target token
-        if self.source.length is not None:
-            # Known source: its forward would stay lazy until the next target token anyway,
-            # so words read in a row go in one chunk (same cache, one pass over the weights
-            # instead of one per word: prefill of the first read / offline ~2-3x faster).
-            self.unfed_source.extend(ids)
-            return
-        self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
-
-    def _flush_source(self) -> None:
-        import mlx.core as mx
-
-        if self.unfed_source:
-            ids, self.unfed_source = self.unfed_source, []
-            self._forward(mx.array(ids, dtype=mx.int32), SOURCE)
-
-    def _feed_targets(self, ids, speculative: bool = False):
-        """Feed target tokens (list of ints, or a lazy 1-element array); returns the lazy
-        next token."""
-        import mlx.core as mx
-
-        self._flush_source()
-        tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
-        return self._sample(self._forward(tokens, TARGET, speculative))
-
-    def _rebuild(self):
-        """Reencode: the whole cache again, source then target, contiguous positions."""
-        import mlx.core as mx
-
-        for cache in self.caches:
-            cache.reset()
-        self._forward(mx.array(self.source_ids, dtype=mx.int32), SOURCE)
-        return self._feed_targets(self.fed)
-
-    def _trim(self, n: int) -> None:
-        for cache in self.caches:
-            cache.trim(n)
+    @property
+    def shared(self):
+        return self.engine.shared
 
     # -- steps of the loop
 
@@ -443,37 +332,12 @@ class _Run:
         ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
         if is_last:
             ids += tuple(self.template.suffix_ids)
-        if self.fed and not self.stale:
-            # The pending token (and, below it, the last fed token's entry) was computed
-            # without this word: drop the one, trim the other, feed it again later.
-            if not self.reencode:
-                self._trim(1 + self.pending_fed)
-            self.pending, self.pending_fed, self.next_y = None, False, None
-            self.stale = True
-        self._feed_source(ids)
+        self.engine.read(ids)
         event = Read(self.read, word, ids, time.monotonic())
         self.read += 1
         if is_last:
             self.source_done = True
         return event
-
-    def _ensure_pending(self) -> None:
-        if self.pending is not None:
-            return
-        if not self.fed:
-            header = list(self.template.header_ids)
-            if not header:
-                raise ValueError("chat_format: the assistant header tokenizes to nothing")
-            self.fed.extend(header)
-            y = self._feed_targets(header)
-        elif not self.stale:
-            raise AssertionError("decoder: no pending token although no source was read")
-        elif self.reencode:
-            y = self._rebuild()
-        else:
-            y = self._feed_targets(self.fed[-1:])
-        self.stale = False
-        self.pending, self.pending_fed = y.item(), False
 
     def _speculate(self) -> bool:
         # Feeding the sampled token before looking at it (mx.async_eval pipelining, as
@@ -481,20 +345,6 @@ class _Run:
         # when the next word needs a read first; the policy says in advance.
         return self.policy.decide(self.read, self.written + 1, self.source_done,
                                   self.source.length) is not READ
-
-    def _accept(self, token: int) -> None:
-        """Put the pending token in the current word and sample the one after it."""
-        import mlx.core as mx
-
-        self.fed.append(token)
-        y = self.next_y if self.pending_fed else self._feed_targets([token])
-        if self._speculate():
-            self.next_y = self._feed_targets(y, speculative=True)
-            mx.async_eval(self.next_y)
-            self.pending_fed = True
-        else:
-            self.next_y, self.pending_fed = None, False
-        self.pending = y.item()
 
     def _write(self, word: list[int]) -> Write:
         event = Write(self.written, self.table.text(word), tuple(word), time.monotonic())
@@ -510,7 +360,7 @@ class _Run:
 
     def events(self) -> Iterator:
         # The prefix first: it is computed while a streamed source is still silent.
-        self._feed_source(self.template.prefix_ids)
+        self.engine.start(self.template.prefix_ids)
         force_read = False
         while True:
             limit = self._words_limit()
@@ -535,11 +385,10 @@ class _Run:
                     return
                 continue
             # Write one word.
-            self._ensure_pending()
             word: list[int] = []
             content = False
             while True:
-                token = self.pending
+                token = self.engine.peek(not self.source_done)
                 if token in self.eos:
                     if self.source_done or self.stop_at_first_eos:
                         if content:
@@ -569,70 +418,77 @@ class _Run:
                     break
                 content = content or self.table.has_content(token)
                 word.append(token)
-                self._accept(token)
+                self.engine.accept(token, self._speculate(), not self.source_done)
 
 
-def _check_layout(layout) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    return layout
+def _make_engine(config: DecodeConfig, model, template, source: _Source, word_ids,
+                 on_forward):
+    name = engine_name(config, model, source.length is not None)
+    common = dict(target_start=config.target_start, sampler=config.sampler,
+                  on_forward=on_forward)
+    if name == "prefilled":
+        if source.length is None:
+            raise ValueError("engine: 'prefilled' needs a source known up front (a str or a "
+                             "sequence of words), got a stream; use 'auto' or 'incremental'")
+        words = [word_ids[i] for i in range(source.length)]
+        if words:
+            words[-1] = words[-1] + tuple(template.suffix_ids)
+        return PrefilledEngine(model, template, words, **common)
+    if name == "fused":
+        if source.length is not None:
+            raise ValueError("engine: 'fused' is for a live source (an iterator or a Feed); "
+                             "a source known up front runs with 'prefilled'")
+        return FusedEngine(model, template, **common)
+    if name == "reencode":
+        return ReencodeEngine(model, template, known_source=source.length is not None,
+                              **common)
+    return IncrementalEngine(model, template, layout=config.layout,
+                             known_source=source.length is not None, **common)
 
 
-def _make_run(model, tokenizer, source, *, k, system, layout, target_start,
-              max_tokens_per_word, max_new_words, sampler, stop_at_first_eos, policy,
-              chat_format, on_forward) -> _Run:
-    layout = _check_layout(layout)
-    if policy is None:
-        policy = WaitK(k)
-    elif not callable(getattr(policy, "decide", None)):
-        raise TypeError(f"policy: expected an object with a decide() method, got {policy!r}")
-    _check_positive("max_tokens_per_word", max_tokens_per_word)
-    _check_positive("max_new_words", max_new_words, allow_none=True, minimum=0)
-    if not isinstance(stop_at_first_eos, bool):
-        raise TypeError(f"stop_at_first_eos: expected a bool, got {stop_at_first_eos!r}")
-    if sampler is not None and not callable(sampler):
-        raise TypeError(f"sampler: expected a callable (mlx_lm.sample_utils.make_sampler), "
-                        f"got {sampler!r}")
+def engine_name(config: DecodeConfig, model, known_source: bool) -> str:
+    """The engine that runs ``config`` on ``model`` for a source known up front or not: a
+    model whose attention cannot take one RoPE offset per row falls back from ``fused``
+    to ``incremental`` (the trace's settings record the engine that ran)."""
+    name = config.engine_for(known_source)
+    if name == "fused" and config.engine == "auto" and not supports_row_offsets(model):
+        return "incremental"
+    return name
+
+
+def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None) -> _Run:
     if on_forward is not None and not callable(on_forward):
         raise TypeError(f"on_forward: expected a callable or None, got {on_forward!r}")
-    if target_start != "auto" and layout != "group":
-        raise ValueError(f"target_start: an explicit start applies to the 'group' layout only, "
-                         f"got target_start={target_start!r} with layout={layout!r}")
-    template = template_for(tokenizer, system=system, chat_format=chat_format)
+    template = template_for(tokenizer, system=config.system, chat_format=config.chat_format)
     words = _Source(source)
     # A known source is checked (and tokenized) up front, so that a bad word raises here
     # rather than halfway through the stream.
     word_ids = ({} if words.length is None else
                 {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
-    return _Run(model, template, words, word_ids, policy, token_table(tokenizer),
-                frozenset(tokenizer.eos_token_ids), layout, target_start, sampler,
-                max_tokens_per_word, max_new_words, stop_at_first_eos, on_forward)
+    engine = _make_engine(config, model, template, words, word_ids, on_forward)
+    return _Run(engine, template, words, word_ids, config.the_policy(), token_table(tokenizer),
+                frozenset(tokenizer.eos_token_ids), config.max_tokens_per_word,
+                config.max_new_words, config.stop_at_first_eos)
 
 
-def stream(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM,
-           layout: str = "group", target_start: int | str = "auto",
-           max_tokens_per_word: int = 50, max_new_words: int | None = None,
-           sampler: Callable | None = None, stop_at_first_eos: bool = False, policy=None,
-           chat_format=None, on_forward: Callable | None = None) -> Iterator:
+def stream(model, tokenizer, source, config: DecodeConfig | None = None, *,
+           on_forward: Callable | None = None, **options) -> Iterator:
     """Translate ``source`` simultaneously, yielding Read / Write / DroppedEos / BlankRun /
     Finish events as they happen.
 
     ``source``: a str (split on whitespace), a sequence of words, any iterable of words
     (it may block while the speaker is silent; the source is complete only when it is
     exhausted), or a :class:`Feed`, over which the stream yields :data:`NEED_INPUT` when
-    it wants a word not yet pushed. ``policy`` defaults to ``WaitK(k)``. ``layout``: ``"group"``,
-    ``"interleaved"`` or ``"reencode"`` (see :mod:`simulref.cache`). ``sampler``: an
-    ``mlx_lm.sample_utils.make_sampler`` sampler; greedy when None. ``max_new_words``:
-    None stops a runaway model at ``2 * N + 10`` words. ``on_forward``: debugging hook
-    called with a :class:`Forward` per model call.
+    it wants a word not yet pushed. The decode options are a
+    :class:`~simulref.config.DecodeConfig` (``config``) or its fields as keywords (``k``,
+    ``system``, ``layout``, ``target_start``, ``max_tokens_per_word``, ``max_new_words``,
+    ``stop_at_first_eos``, ``policy``, ``sampler``, ``chat_format``, ``engine``); keywords
+    given with ``config`` replace its fields. ``on_forward``: debugging hook called with a
+    :class:`~simulref.engine.Forward` per model call.
 
     Arguments are checked when ``stream`` is called, not on the first ``next()``.
     """
-    run = _make_run(model, tokenizer, source, k=k, system=system, layout=layout,
-                    target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                    max_new_words=max_new_words, sampler=sampler,
-                    stop_at_first_eos=stop_at_first_eos, policy=policy,
-                    chat_format=chat_format, on_forward=on_forward)
+    run = _make_run(model, tokenizer, source, DecodeConfig.of(config, **options), on_forward)
     return run.events()
 
 
@@ -644,12 +500,9 @@ def _model_name(model, model_id) -> str:
     return str(getattr(model, "model_type", type(model).__name__))
 
 
-def translate(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYSTEM,
-              layout: str = "group", target_start: int | str = "auto",
-              max_tokens_per_word: int = 50, max_new_words: int | None = None,
-              sampler: Callable | None = None, stop_at_first_eos: bool = False, policy=None,
-              chat_format=None, model_id: str | None = None,
-              on_forward: Callable | None = None) -> Trace:
+def translate(model, tokenizer, source, config: DecodeConfig | None = None, *,
+              model_id: str | None = None, on_forward: Callable | None = None,
+              **options) -> Trace:
     """Run :func:`stream` to the end and return the :class:`~simulref.trace.Trace`.
 
     ``model_id`` names the model in the trace's settings (default: its ``model_type``).
@@ -659,24 +512,17 @@ def translate(model, tokenizer, source, *, k: int = 3, system: str = DEFAULT_SYS
         raise ValueError("source: translate() needs a complete Feed (push the final word "
                          "with last=True or call end()); use stream() to feed words as "
                          "they come")
-    run = _make_run(model, tokenizer, source, k=k, system=system, layout=layout,
-                    target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                    max_new_words=max_new_words, sampler=sampler,
-                    stop_at_first_eos=stop_at_first_eos, policy=policy,
-                    chat_format=chat_format, on_forward=on_forward)
+    config = DecodeConfig.of(config, **options)
     name = _model_name(model, model_id)
+    run = _make_run(model, tokenizer, source, config, on_forward)
     events = tuple(run.events())
-    # |X| for the metrics is the whole source when it is known up front, also when the
-    # model stopped before reading all of it; for a stream, the words that arrived.
-    words = (tuple(run.source.known) if run.source.known is not None
-             else tuple(e.word for e in events if isinstance(e, Read)))
-    policy = run.policy
-    settings = Settings(
-        model=name, k=policy.k if isinstance(policy, WaitK) else None, layout=layout,
-        system=run.template.system, target_start=target_start,
-        max_tokens_per_word=max_tokens_per_word, max_new_words=max_new_words,
-        stop_at_first_eos=stop_at_first_eos,
-        extra={"policy": str(getattr(policy, "name", type(policy).__name__)),
-               "sampler": "greedy" if run.greedy else "custom"},
-    )
-    return Trace(settings, words, events)
+    return Trace(config.settings(name, engine=run.engine.name), source_words(run, events),
+                 events)
+
+
+def source_words(run: _Run, events) -> tuple[str, ...]:
+    """|X| for the metrics: the whole source when it is known up front, also when the
+    model stopped before reading all of it; for a stream, the words that arrived."""
+    if run.source.known is not None:
+        return tuple(run.source.known)
+    return tuple(e.word for e in events if isinstance(e, Read))

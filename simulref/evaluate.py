@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 
 from .atomic import atomic_write
+from .config import DecodeConfig
+from .metrics import METRICS
 
 # Dataset name -> (package data file, target language name for the instruction).
 DATASETS: dict[str, tuple[str, str]] = {
@@ -36,7 +38,6 @@ DATASETS: dict[str, tuple[str, str]] = {
 }
 LANGUAGE_CODES = {"fr": "French", "de": "German"}
 DEFAULT_KS = (1, 3, 5, 7, 9)
-LATENCY_NAMES = ("AP", "AL", "LAAL", "DAL", "ATD")
 
 
 class DataError(ValueError):
@@ -307,7 +308,10 @@ def _count(items: Iterable) -> dict:
 
 @dataclass
 class Evaluation:
-    """Everything one ``simulref eval`` invocation needs, model included."""
+    """Everything one ``simulref eval`` invocation needs, model included.
+
+    ``config`` holds the decode options every run shares (its ``system`` is
+    ``settings["system"]``); each run sets its own k and layout on it."""
 
     model: object
     tokenizer: object
@@ -315,24 +319,24 @@ class Evaluation:
     specs: list[RunSpec]
     out: Path
     settings: dict
-    target_start: str | int = "auto"
-    max_tokens_per_word: int = 50
-    stop_at_first_eos: bool = False
+    config: DecodeConfig | None = None
     word_duration: float = 0.4
+
+    def run_config(self, spec: RunSpec) -> DecodeConfig:
+        """The decode options of one run."""
+        from simulref.policy import ReadAll
+
+        base = DecodeConfig.of(self.config, system=self.settings["system"],
+                               layout=spec.layout)
+        if spec.offline:
+            return DecodeConfig.of(base, policy=ReadAll())
+        return DecodeConfig.of(base, k=spec.k)
 
     def translate(self, spec: RunSpec, source: str):
         from simulref import decoder
-        from simulref.policy import ReadAll
 
-        kwargs = dict(
-            system=self.settings["system"], layout=spec.layout, target_start=self.target_start,
-            max_tokens_per_word=self.max_tokens_per_word,
-            stop_at_first_eos=self.stop_at_first_eos,
-        )
-        if spec.offline:
-            return decoder.translate(self.model, self.tokenizer, source, policy=ReadAll(),
-                                     **kwargs)
-        return decoder.translate(self.model, self.tokenizer, source, k=spec.k, **kwargs)
+        return decoder.translate(self.model, self.tokenizer, source, self.run_config(spec),
+                                 model_id=self.settings.get("model"))
 
     def pending(self, spec: RunSpec) -> list[int]:
         done = {r["index"] for r in load_records(self.out / spec.progress_file, repair=True)}
@@ -458,7 +462,7 @@ def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int 
     return paths
 
 
-TABLE_LATENCY = ("AP", "AL", "LAAL", "DAL", "ATD")
+TABLE_LATENCY = METRICS
 
 
 def results_table(summaries: Sequence[Mapping]):

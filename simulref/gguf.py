@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from .config import DTYPES  # noqa: F401 - one home for the names
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-DTYPES = ("float32", "bfloat16", "float16", "quantized")
+
 
 # llama.cpp's converter permutes Q/K rows of llama models so that ggml's interleaved RoPE
 # applies; it writes qwen2 unpermuted (ggml's NEOX RoPE, MLX's non-traditional one).

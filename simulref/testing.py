@@ -146,7 +146,7 @@ def _successor_class():
             n = inputs.shape[1]
             if cache is not None:
                 cache[0].make_mask(n, return_array=False, window_size=None)  # as mlx-lm models ask
-                kv = mx.zeros((1, 1, n, 1))
+                kv = mx.zeros((inputs.shape[0], 1, n, 1))  # one row per input row
                 cache[0].update_and_fetch(kv, kv)
             hot = self.successor[inputs][..., None] == mx.arange(self.vocab_size)
             return hot.astype(mx.float32) * 20.0

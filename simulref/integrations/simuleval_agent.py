@@ -37,14 +37,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"(its declared pytest-flake8 dependency breaks pytest >= 9) ({error})"
     ) from None
 
-from simulref.decoder import LAYOUTS, NEED_INPUT, Feed, stream
-from simulref.policy import WaitK
-from simulref.prompt import DEFAULT_SYSTEM, template_for
-from simulref.trace import Finish, Settings, Trace, Write
+from simulref.config import DTYPES, LAYOUTS, DecodeConfig
+from simulref.decoder import NEED_INPUT, Feed, engine_name, stream
+from simulref.prompt import DEFAULT_SYSTEM
+from simulref.trace import Finish, Trace, Write
 
 __all__ = ["SimulRefAgent", "run_simuleval", "source_words"]
-
-DTYPES = ("float32", "bfloat16", "float16", "quantized")
 # SimulEval's own --dtype / --fp16 (fp16|fp32), honoured when --model-dtype is not given.
 _SIMULEVAL_DTYPES = {"fp16": "float16", "fp32": "float32"}
 
@@ -81,22 +79,17 @@ class SimulRefAgent(TextToTextAgent):
             raise TypeError(f"model_id: expected a str or None, got {model_id!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.options = dict(k=k, layout=layout, system=system, target_start=target_start,
-                            max_tokens_per_word=max_tokens_per_word, policy=policy)
+        self.config = DecodeConfig(k=k, layout=layout, system=system,
+                                   target_start=target_start,
+                                   max_tokens_per_word=max_tokens_per_word, policy=policy)
         self.model_id = model_id or str(getattr(model, "model_type", type(model).__name__))
         self.traces: list[Trace] = []
         self._events = None  # the running stream; GenericAgent.__init__ calls reset()
-        super().__init__(args)  # reset() starts the first stream, which checks the options
-        # The settings translate() records for the same options, so traces compare equal.
-        policy = WaitK(k) if policy is None else policy
-        self._settings = Settings(
-            model=self.model_id, k=policy.k if isinstance(policy, WaitK) else None,
-            layout=layout, system=template_for(tokenizer, system=system).system,
-            target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-            max_new_words=None, stop_at_first_eos=False,
-            extra={"policy": str(getattr(policy, "name", type(policy).__name__)),
-                   "sampler": "greedy"},
-        )
+        super().__init__(args)  # reset() starts the first stream
+        # The settings translate() records for the same options, so traces compare equal
+        # (a Feed is a live source: the engine is the one for a stream).
+        self._settings = self.config.settings(self.model_id,
+                                              engine=engine_name(self.config, model, False))
 
     # -- SimulEval's agent interface
 
@@ -148,7 +141,7 @@ class SimulRefAgent(TextToTextAgent):
         self._sent = 0  # segments of states.source already pushed
         self._log: list = []  # this sentence's events
         self._done = False
-        self._events = stream(self.model, self.tokenizer, self._feed, **self.options)
+        self._events = stream(self.model, self.tokenizer, self._feed, self.config)
 
     def policy(self):
         if self._done:

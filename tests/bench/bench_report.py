@@ -59,28 +59,54 @@ def _decode(results: list[dict]) -> list[str]:
     out = ["", "## Decoding: simulref / mlx-lm, same prompt, lockstep blocks", "",
            "Ratio = our tokens/s over `mlx_lm.stream_generate`'s in adjacent blocks: median "
            "(p5-p95, n blocks) and pooled (all tokens / all time). Offline: k >= N, the "
-           "same tokens as mlx-lm. Wait-k: k = 3, reads and re-feeds included.", ""]
+           "same tokens as mlx-lm. Wait-k: k = 3, reads included, per engine (all engines "
+           "wrote the same traces: the 'agree' column).", ""]
     rows = []
     for r in results:
         m = r["metrics"]
         rows.append([r["model"], r.get("weights", r.get("dtype", "-")),
                      f"{m['sentences']} ({m['same_tokens']} same)",
                      spread(m["decode_ratio"]), fmt(m["decode_ratio_pooled"]),
-                     f"{fmt(m['decode_tps'], 1)} / {fmt(m['decode_tps_mlx_lm'], 1)}",
-                     spread(m["waitk_ratio"]), fmt(m["waitk_ratio_pooled"]),
-                     fmt(m["extra_target_forwards_per_word"]),
-                     fmt(m["source_forwards_per_word"])])
+                     f"{fmt(m['decode_tps'], 1)} / {fmt(m['decode_tps_mlx_lm'], 1)}"])
     out += table(["model", "weights", "sentences", "offline ratio", "pooled",
-                  "tok/s ours / mlx-lm", "wait-k ratio", "pooled",
-                  "extra target fwd / word", "source fwd / word"], rows)
-    out += ["", "## Read-to-write latency (wait-k, k = 3)", "",
-            "From a word's Read event to the first token of the next target word, in "
-            "mlx-lm decode steps (its mean per-token time on the same sentence, measured "
-            "alongside) and in seconds: median (p5-p95, n reads).", ""]
-    out += table(["model", "steps", "seconds", "mlx-lm step (s)"], [
-        [r["model"], spread(r["metrics"]["latency_steps"]), spread(r["metrics"]["latency_s"], 3),
-         fmt(1 / r["metrics"]["decode_tps_mlx_lm"], 3)
-         if r["metrics"]["decode_tps_mlx_lm"] else "-"] for r in results])
+                  "tok/s ours / mlx-lm"], rows)
+    out += ["", "Wait-k (k = 3), known source. Forwards / token: model calls after the "
+                "first (the prefilled source, or the prefix), per target token written.", ""]
+    rows = []
+    for r in results:
+        m = r["metrics"]
+        for engine, e in m["engines"].items():
+            rows.append([r["model"], engine, f"{m['engines_agree']}/{m['sentences']}",
+                         spread(e["waitk_ratio"]), fmt(e["waitk_ratio_pooled"]),
+                         fmt(e["waitk_tps"], 1), fmt(e["forwards_per_token"]),
+                         fmt(e["extra_target_forwards_per_word"]),
+                         fmt(e["source_forwards_per_word"])])
+    out += table(["model", "engine", "agree", "wait-k ratio", "pooled", "tok/s",
+                  "forwards / token", "extra target fwd / word", "source fwd / word"], rows)
+    out += ["", "## Whole translation, prefill included (k = 3)", "",
+            "`translate()` against `mlx_lm.stream_generate` on the full chat prompt making "
+            "the same number of tokens (EOS suppressed), timed A B B A per sentence: mlx-lm's "
+            "time over ours, pooled over all sentences and per sentence.", ""]
+    rows = []
+    for r in results:
+        for engine, w in r["metrics"].get("whole_run", {}).items():
+            rows.append([r["model"], engine, fmt(w["ratio_pooled"]), spread(w["ratio"]),
+                         w["tokens"]])
+    out += table(["model", "engine", "ratio (pooled)", "per sentence", "tokens"], rows)
+    out += ["", "## Live source: read-to-write latency and forwards (wait-k, k = 3)", "",
+            "Words from an iterator, read as they come. From feeding a word read after "
+            "target tokens to the first token of the next word, in mlx-lm decode steps (its "
+            "mean per-token time on the same sentence, measured alongside) and in seconds: "
+            "median (p5-p95, n reads).", ""]
+    rows = []
+    for r in results:
+        live = r["metrics"].get("live", {})
+        for engine in (e for e in live if e not in ("agree", "sentences")):
+            x = live[engine]
+            rows.append([r["model"], engine, f"{live['agree']}/{live['sentences']}",
+                         spread(x["latency_steps"]), spread(x["latency_s"], 3),
+                         fmt(x["forwards_per_token"])])
+    out += table(["model", "engine", "agree", "steps", "seconds", "forwards / token"], rows)
     out += ["", "## Prefill", "",
             "First read: system prompt + k words + assistant header, fed as the decoder "
             "does (one forward per segment) against mlx-lm's `prompt_tps` on the same "

@@ -112,8 +112,9 @@ class ForwardClock:
     its time is when the first token of the next word is known."""
 
     def __init__(self):
-        self.records: list[tuple[float, str, int, bool]] = []  # (t, kind, tokens, spec.)
+        self.records: list[tuple[float, str, int, bool, bool]] = []  # t, kind, n, spec., fused
         self.first_token_times: list[float] = []  # time.monotonic(), as the events' t
+        self.read_times: list[float] = []  # a source chunk after target tokens was fed
         self._after_source = False
 
     def __call__(self, forward) -> None:
@@ -121,6 +122,8 @@ class ForwardClock:
 
         t = time.monotonic()
         if forward.kind == "source":
+            if any(r[1] == "target" for r in self.records):
+                self.read_times.append(t)
             self._after_source = True
         elif self._after_source:
             mx.eval(forward.logits)
@@ -128,10 +131,14 @@ class ForwardClock:
             self.first_token_times.append(t)
             self._after_source = False
         self.records.append((t, forward.kind, int(forward.tokens.shape[0]),
-                             bool(forward.speculative)))
+                             bool(forward.speculative), bool(forward.fused)))
 
     def count(self, kind: str) -> int:
         return sum(1 for r in self.records if r[1] == kind)
+
+    def model_calls(self) -> int:
+        """Forwards of the model (a fused read reports two chunks of one call)."""
+        return sum(1 for r in self.records if not r[4])
 
     def tokens(self, kind: str | None = None) -> int:
         return sum(r[2] for r in self.records if kind is None or r[1] == kind)
@@ -293,11 +300,15 @@ def prompt_ids(tokenizer, words: Sequence[str], system: str, read: int | None = 
     return list(prompt.ids[:end]) + list(prompt.template.header_ids)
 
 
+WAITK_ENGINES = ("incremental", "prefilled")  # wait-k on a known source, side by side
+LIVE_ENGINES = ("incremental", "fused")  # wait-k on a live source (an iterator)
+
+
 def measure_sentence(model, tokenizer, words: Sequence[str], settings: SentenceSettings
                      ) -> dict:
-    """One sentence: mlx-lm's prefill of the first read, then three runs in lockstep:
-    mlx-lm offline, simulref offline (k >= N: everything read first, so the same tokens
-    as mlx-lm) and simulref wait-k."""
+    """One sentence: mlx-lm's prefill of the first read, then runs in lockstep: mlx-lm
+    offline, simulref offline (k >= N: everything read first, so the same tokens as
+    mlx-lm) and simulref wait-k with each engine of :data:`WAITK_ENGINES`."""
     from mlx_lm import stream_generate
 
     from simulref.decoder import stream
@@ -320,96 +331,257 @@ def measure_sentence(model, tokenizer, words: Sequence[str], settings: SentenceS
     full_ids = prompt_ids(tokenizer, words, system)
     options = dict(system=system, max_new_words=max_new_words,
                    max_tokens_per_word=settings.max_tokens_per_word)
-    offline_clock, waitk_clock = ForwardClock(), ForwardClock()
+    offline_clock = ForwardClock()
+    clocks = {engine: ForwardClock() for engine in WAITK_ENGINES}
     reference = MlxLmSide("mlx-lm", model, tokenizer, full_ids,
                           max_tokens=max_new_words * settings.max_tokens_per_word + 1)
     offline = DecoderSide("offline", stream(model, tokenizer, list(words), k=n + 1,
-                                            on_forward=offline_clock, **options),
-                          offline_clock)
-    waitk = DecoderSide("wait-k", stream(model, tokenizer, list(words), k=k,
-                                         on_forward=waitk_clock, **options), waitk_clock)
-    sides = (offline, reference, waitk)
-    rounds = lockstep(sides, settings.block, until=lambda: offline.done and waitk.done)
+                                            engine="incremental", on_forward=offline_clock,
+                                            **options), offline_clock)
+    waitk = {engine: DecoderSide(f"wait-k {engine}",
+                                 stream(model, tokenizer, list(words), k=k, engine=engine,
+                                        on_forward=clocks[engine], **options), clocks[engine])
+             for engine in WAITK_ENGINES}
+    sides = (offline, reference, *waitk.values())
+    rounds = lockstep(sides, settings.block,
+                      until=lambda: offline.done and all(w.done for w in waitk.values()))
 
     # Block 0 holds the prefill: decode rates use the blocks after it.
-    ref_blocks, off_blocks, wk_blocks = reference.blocks[1:], offline.blocks[1:], waitk.blocks[1:]
+    ref_blocks, off_blocks = reference.blocks[1:], offline.blocks[1:]
     same = offline.written() == reference.tokens[: offline.written_tokens]
     ref_step = 1 / pooled_rate(ref_blocks) if pooled_rate(ref_blocks) else None
-    latencies = read_latencies(waitk.read_times(), waitk_clock.first_token_times[1:])
-    # Target forwards beyond one per written token (header, trailing speculative step),
-    # over those of the offline run: re-feeds after reads and dropped speculative steps.
-    wk_over = waitk_clock.count("target") - waitk.written_tokens
     off_over = offline_clock.count("target") - offline.written_tokens
     first_read_tokens = len(first_ids)
-    first_read_s = waitk_clock.prefill_seconds()
+    first_read_s = clocks["incremental"].prefill_seconds()
     full_s = offline_clock.prefill_seconds()
-    return {
+    row = {
         "words": n,
         "k": k,
         "rounds": rounds,
         "same_tokens": same,
         "offline_tokens": offline.written_tokens,
         "offline_finish": offline.finish_reason(),
-        "waitk_tokens": waitk.written_tokens,
-        "waitk_words": waitk.n_words(),
-        "waitk_finish": waitk.finish_reason(),
         "decode_ratios": paired_ratios(off_blocks, ref_blocks),
-        "waitk_ratios": paired_ratios(wk_blocks, ref_blocks),
         "offline_blocks": [(b.tokens, b.seconds) for b in off_blocks],
         "reference_blocks": [(b.tokens, b.seconds) for b in ref_blocks],
-        "waitk_blocks": [(b.tokens, b.seconds) for b in wk_blocks],
         "reference_step_s": ref_step,
-        "latencies_s": latencies,
-        "latencies_steps": [x / ref_step for x in latencies] if ref_step else [],
-        "waitk_target_forwards": waitk_clock.count("target"),
-        "waitk_source_forwards": waitk_clock.count("source"),
         "offline_target_forwards": offline_clock.count("target"),
-        "extra_target_forwards": wk_over - off_over,
         "first_read_tokens": first_read_tokens,
         "first_read_tps": first_read_tokens / first_read_s if first_read_s else None,
         "first_read_tps_mlx_lm": first.prompt_tps if first is not None else None,
         "full_prompt_tokens": len(full_ids),
         "full_prompt_tps": len(full_ids) / full_s if full_s else None,
         "full_prompt_tps_mlx_lm": reference.prompt_tps,
+        "engines": {},
     }
+    for engine, side in waitk.items():
+        clock = clocks[engine]
+        latencies = read_latencies(clock.read_times, clock.first_token_times[1:])
+        row["engines"][engine] = {
+            "waitk_tokens": side.written_tokens,
+            "waitk_words": side.n_words(),
+            "waitk_finish": side.finish_reason(),
+            "waitk_trace": [(type(e).__name__, getattr(e, "token_ids", None))
+                            for e in side.events],
+            "waitk_ratios": paired_ratios(side.blocks[1:], ref_blocks),
+            "waitk_blocks": [(b.tokens, b.seconds) for b in side.blocks[1:]],
+            "model_calls": clock.model_calls(),
+            "target_forwards": clock.count("target"),
+            "source_forwards": clock.count("source"),
+            # Target forwards beyond one per written token (header, trailing speculative
+            # step), over those of the offline run: re-feeds after reads, dropped steps.
+            "extra_target_forwards": clock.count("target") - side.written_tokens - off_over,
+            "latencies_s": latencies,
+            "latencies_steps": [x / ref_step for x in latencies] if ref_step else [],
+        }
+    traces = {e: r["waitk_trace"] for e, r in row["engines"].items()}
+    row["engines_agree"] = len({repr(t) for t in traces.values()}) == 1
+    return row
+
+
+def _eos_suppressor(eos_ids):
+    """An mlx-lm logits processor that never lets EOS win, so that a run generates
+    exactly ``max_tokens`` tokens (the same count as the run it is compared with)."""
+    import mlx.core as mx
+
+    def process(tokens, logits):
+        mask = mx.zeros(logits.shape[-1], dtype=mx.bool_)
+        mask[mx.array(sorted(eos_ids))] = True
+        return mx.where(mask, -mx.inf, logits)
+
+    return process
+
+
+def measure_whole_run(model, tokenizer, words: Sequence[str], settings: SentenceSettings,
+                      engines: Sequence[str] = WAITK_ENGINES) -> dict:
+    """The whole translation, prefill included: ``translate(words, k)`` with each engine
+    against ``mlx_lm.stream_generate`` on the full chat prompt making the same number of
+    tokens (EOS suppressed), timed alternately (A B B A) so that drift cancels. Ratio =
+    mlx-lm's time over ours (the same tokens: a tokens/s ratio)."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    from simulref.decoder import translate
+    from simulref.prompt import DEFAULT_SYSTEM
+
+    system = settings.system or DEFAULT_SYSTEM
+    n = len(words)
+    options = dict(k=min(settings.k, n), system=system, max_new_words=n + settings.extra_words,
+                   max_tokens_per_word=settings.max_tokens_per_word)
+    full_ids = mx.array(prompt_ids(tokenizer, words, system))
+    suppress = _eos_suppressor(tokenizer.eos_token_ids)
+    out: dict = {}
+    for engine in engines:
+        def ours(engine=engine):
+            t0 = time.perf_counter()
+            trace = translate(model, tokenizer, list(words), engine=engine, **options)
+            synchronize()
+            return time.perf_counter() - t0, trace
+
+        def theirs(count):
+            t0 = time.perf_counter()
+            made = sum(1 for _ in stream_generate(model, tokenizer, full_ids, max_tokens=count,
+                                                  logits_processors=[suppress]))
+            synchronize()
+            return time.perf_counter() - t0, made
+
+        a1, trace = ours()
+        tokens = sum(len(e.token_ids) for e in trace.writes) + 1  # + the closing EOS
+        b1, made1 = theirs(tokens)
+        b2, made2 = theirs(tokens)
+        a2, _ = ours()
+        out[engine] = {"tokens": tokens, "mlx_lm_tokens": made1, "seconds": a1 + a2,
+                       "mlx_lm_seconds": b1 + b2,
+                       "ratio": (b1 + b2) / (a1 + a2) * tokens / made1 if made1 else None}
+    return out
+
+
+class TimedWords:
+    """An iterator over ``words`` that notes when the decoder takes each one (and the
+    end): the moment a read starts, before any of its work."""
+
+    def __init__(self, words: Sequence[str]):
+        self._words = iter(words)
+        self.times: list[float] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        self.times.append(time.monotonic())
+        return next(self._words)
+
+
+def measure_live(model, tokenizer, words: Sequence[str], settings: SentenceSettings,
+                 engines: Sequence[str] = LIVE_ENGINES) -> dict:
+    """Wait-k over a live source (an iterator, words read as they come) with each engine:
+    per read after target tokens, the time from the decoder taking the word from the
+    source (before trim, chunk or re-feed) to the first token of the next word (seconds),
+    and the model calls per target token written."""
+    from simulref.decoder import translate
+    from simulref.prompt import DEFAULT_SYSTEM
+
+    system = settings.system or DEFAULT_SYSTEM
+    n = len(words)
+    out: dict = {}
+    traces = {}
+    for engine in engines:
+        clock = ForwardClock()
+        source = TimedWords(words)
+        trace = translate(model, tokenizer, source, k=min(settings.k, n), system=system,
+                          max_new_words=n + settings.extra_words,
+                          max_tokens_per_word=settings.max_tokens_per_word, engine=engine,
+                          on_forward=clock)
+        traces[engine] = [(type(e).__name__, getattr(e, "token_ids", None))
+                          for e in trace.events]
+        written = sum(len(e.token_ids) for e in trace.writes)
+        out[engine] = {"latencies_s": read_latencies(source.times,
+                                                     clock.first_token_times[1:]),
+                       "model_calls": clock.model_calls(), "written_tokens": written,
+                       "engine_ran": trace.settings.option("engine")}
+    out["agree"] = len({repr(t) for t in traces.values()}) == 1
+    return out
 
 
 def aggregate_sentences(rows: Sequence[dict]) -> dict:
     """Corpus figures from :func:`measure_sentence` rows."""
-    def pooled(key):
-        return pooled_rate([Block(t, s) for r in rows for t, s in r[key]])
+    def pooled(blocks):
+        return pooled_rate([Block(t, s) for t, s in blocks])
 
     def ratios_of(num, den):
         pairs = [r[num] / r[den] for r in rows if r[num] and r[den]]
         return summary(pairs)
 
     decode = [x for r in rows for x in r["decode_ratios"]]
-    waitk = [x for r in rows for x in r["waitk_ratios"]]
-    off, ref, wk = pooled("offline_blocks"), pooled("reference_blocks"), pooled("waitk_blocks")
-    words = sum(r["waitk_words"] for r in rows)
+    off = pooled([b for r in rows for b in r["offline_blocks"]])
+    ref = pooled([b for r in rows for b in r["reference_blocks"]])
+    engines = {}
+    for engine in rows[0]["engines"]:
+        per = [r["engines"][engine] for r in rows]
+        wk = pooled([b for p in per for b in p["waitk_blocks"]])
+        words = sum(p["waitk_words"] for p in per)
+        tokens = sum(p["waitk_tokens"] for p in per)
+        engines[engine] = {
+            "waitk_ratio": summary([x for p in per for x in p["waitk_ratios"]]),
+            "waitk_ratio_pooled": wk / ref if wk and ref else None,
+            "waitk_tps": wk,
+            "extra_target_forwards_per_word": (
+                sum(p["extra_target_forwards"] for p in per) / words if words else None),
+            # Model calls after the first (the prefill of a known source, the prefix
+            # otherwise), per target token written.
+            "forwards_per_token": (sum(p["model_calls"] - 1 for p in per) / tokens
+                                   if tokens else None),
+            "source_forwards_per_word": (
+                sum(p["source_forwards"] - 1 for p in per) / words if words else None),
+            "latency_steps": summary([x for p in per for x in p["latencies_steps"]]),
+        }
     return {
         "sentences": len(rows),
         "same_tokens": sum(1 for r in rows if r["same_tokens"]),
+        "engines_agree": sum(1 for r in rows if r["engines_agree"]),
         "decode_ratio": summary(decode),
         "decode_ratio_pooled": off / ref if off and ref else None,
         "decode_tps": off,
         "decode_tps_mlx_lm": ref,
-        "waitk_ratio": summary(waitk),
-        "waitk_ratio_pooled": wk / ref if wk and ref else None,
-        "waitk_tps": wk,
-        "extra_target_forwards_per_word": (
-            sum(r["extra_target_forwards"] for r in rows) / words if words else None),
-        # Source chunks past the prefix (one per read word), per target word written.
-        "source_forwards_per_word": (
-            sum(r["waitk_source_forwards"] - 1 for r in rows) / words if words else None),
-        "latency_steps": summary([x for r in rows for x in r["latencies_steps"]]),
-        "latency_s": summary([x for r in rows for x in r["latencies_s"]]),
+        "engines": engines,
         "first_read_prefill_ratio": ratios_of("first_read_tps", "first_read_tps_mlx_lm"),
         "full_prompt_prefill_ratio": ratios_of("full_prompt_tps", "full_prompt_tps_mlx_lm"),
         "first_read_tps": summary([r["first_read_tps"] for r in rows if r["first_read_tps"]]),
         "first_read_tps_mlx_lm": summary([r["first_read_tps_mlx_lm"] for r in rows
                                           if r["first_read_tps_mlx_lm"]]),
     }
+
+
+def aggregate_whole_runs(rows: Sequence[dict]) -> dict:
+    """Per engine: the whole-run ratio over all sentences (pooled: all mlx-lm time over
+    all of ours, token-weighted) and per sentence (median, p5-p95)."""
+    out = {}
+    for engine in rows[0]:
+        per = [r[engine] for r in rows]
+        ours = sum(p["seconds"] for p in per)
+        theirs = sum(p["mlx_lm_seconds"] * p["tokens"] / p["mlx_lm_tokens"] for p in per)
+        out[engine] = {"ratio_pooled": theirs / ours if ours else None,
+                       "ratio": summary([p["ratio"] for p in per if p["ratio"]]),
+                       "tokens": sum(p["tokens"] for p in per)}
+    return out
+
+
+def aggregate_live(rows: Sequence[dict], step_s: Sequence[float | None]) -> dict:
+    """Per engine: read -> first token of the next word, in mlx-lm decode steps of the same
+    sentence, and model calls per target token written (the prefix call excluded)."""
+    out = {"agree": sum(1 for r in rows if r["agree"]), "sentences": len(rows)}
+    for engine in (e for e in rows[0] if e != "agree"):
+        steps = [x / step for r, step in zip(rows, step_s, strict=True) if step
+                 for x in r[engine]["latencies_s"]]
+        tokens = sum(r[engine]["written_tokens"] for r in rows)
+        out[engine] = {
+            "latency_steps": summary(steps),
+            "latency_s": summary([x for r in rows for x in r[engine]["latencies_s"]]),
+            "forwards_per_token": (sum(r[engine]["model_calls"] - 1 for r in rows) / tokens
+                                   if tokens else None),
+            "engine_ran": sorted({r[engine]["engine_ran"] for r in rows}),
+        }
+    return out
 
 
 # ---------------------------------------------------------------- scaling with length

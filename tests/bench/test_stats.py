@@ -133,10 +133,17 @@ def _document():
     ratio = summary([0.9, 1.0, 1.1])
     decode = {
         "sentences": 3, "same_tokens": 3, "decode_ratio": ratio, "decode_ratio_pooled": 0.97,
-        "decode_tps": 17.0, "decode_tps_mlx_lm": 17.5, "waitk_ratio": summary([0.5]),
-        "waitk_ratio_pooled": 0.5, "waitk_tps": 9.0, "extra_target_forwards_per_word": 0.7,
-        "source_forwards_per_word": 0.9, "latency_steps": summary([1.5, 2.0]),
-        "latency_s": summary([0.1, 0.12]), "first_read_prefill_ratio": ratio,
+        "decode_tps": 17.0, "decode_tps_mlx_lm": 17.5, "engines_agree": 3,
+        "engines": {"prefilled": {
+            "waitk_ratio": summary([0.5]), "waitk_ratio_pooled": 0.5, "waitk_tps": 9.0,
+            "extra_target_forwards_per_word": 0.7, "forwards_per_token": 1.04,
+            "source_forwards_per_word": 0.9, "latency_steps": summary([])}},
+        "whole_run": {"prefilled": {"ratio_pooled": 0.91, "ratio": summary([0.9, 0.92]),
+                                    "tokens": 40}},
+        "live": {"agree": 3, "sentences": 3, "fused": {
+            "latency_steps": summary([1.5, 2.0]), "latency_s": summary([0.1, 0.12]),
+            "forwards_per_token": 1.1, "engine_ran": ["fused"]}},
+        "first_read_prefill_ratio": ratio,
         "full_prompt_prefill_ratio": ratio, "first_read_tps": summary([100.0]),
         "first_read_tps_mlx_lm": summary([120.0]),
     }
@@ -163,7 +170,9 @@ def _document():
 def test_markdown_shows_every_section_and_figure():
     text = markdown(_document())
     for needle in ("## Decoding", "0.97", "1.00 (0.91-1.09, n=3)", "17.0 / 17.5",
-                   "## Read-to-write latency", "1.75 (1.52-1.98, n=2)", "## Prefill",
+                   "| m | prefilled | 3/3 | 0.50 (0.50-0.50, n=1) | 0.50 | 9.0 | 1.04 |",
+                   "## Whole translation", "| m | prefilled | 0.91 |",
+                   "## Live source", "1.75 (1.52-1.98, n=2)", "## Prefill",
                    "100.0 / 120.0", "## Scaling", "N^1.00", "N^2.00", "| 80 | 40.0 | 64.0 |",
                    "## BLAS", "| openblas-1 | 2 | 4.0 | 250.0 | 16.00 | 27.78 | 2.00 |",
                    "OPENBLAS_NUM_THREADS=1", "2.50 -> 3.00"):

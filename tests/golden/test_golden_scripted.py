@@ -8,8 +8,9 @@ after the last one (or it starts the script again, for a model that never stops)
 Whatever the source, the same target tokens come out, so these snapshots pin the
 decoder's schedule (wait-k over every small k x N), word boundaries, dropped EOS, blank
 runs, and the max_tokens_per_word / max_new_words limits, independently of any model's
-numerics. The layout cannot matter to such a model: every case is also run in the
-interleaved and reencode layouts and must give the same events.
+numerics. The layout and the engine cannot matter to such a model: every case is also
+run with the prefilled engine and in the interleaved and reencode layouts and must give
+the same events.
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ class Case:
     max_new_words: int | None = None
     stop_at_first_eos: bool = False
 
-    def run(self, layout: str = "group"):
+    def run(self, layout: str = "group", engine: str = "incremental"):
         model = script_lm(len(tokenizer()), list(self.script), start=header_last(),
                           end=eos(), loop=self.loop)
         return translate(model, tokenizer(), POOL[:self.n], k=self.k or 3, policy=self.policy,
                          layout=layout, max_tokens_per_word=self.max_tokens_per_word,
                          max_new_words=self.max_new_words,
-                         stop_at_first_eos=self.stop_at_first_eos, model_id="script")
+                         stop_at_first_eos=self.stop_at_first_eos, model_id="script",
+                         engine=engine if layout == "group" else "auto")
 
 
 GRID = [Case(f"k{k}-n{n}", tuple(script_of(FOX)), n=n, k=k)
@@ -126,8 +128,9 @@ def events_only(trace) -> list[dict]:
 def test_scripted_trace(case, snapshot_json):
     trace = case.run()
     assert_valid(trace, k=case.k)
-    for layout in ("interleaved", "reencode"):
-        assert events_only(case.run(layout)) == events_only(trace), layout
+    for layout, engine in (("group", "prefilled"), ("interleaved", "auto"), ("reencode", "auto")):
+        assert events_only(case.run(layout, engine)) == events_only(trace), (layout, engine)
+    assert records(case.run("group", "prefilled")) == records(trace)
     assert records(trace) == snapshot_json
 
 

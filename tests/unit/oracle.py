@@ -145,3 +145,14 @@ def layout_positions(is_target, layout: str, target_start: int) -> np.ndarray:
     n_target_before = np.cumsum(is_target) - is_target
     n_source_before = np.cumsum(~is_target) - ~is_target
     return np.where(is_target, target_start + n_target_before, n_source_before)
+
+
+def budget_mask(n_source: int, budgets) -> np.ndarray:
+    """The prefilled layout: ``n_source`` source slots (causal among themselves), then one
+    target slot per budget; a target slot sees the first ``budget`` source slots and the
+    target slots up to itself."""
+    L = n_source + len(budgets)
+    mask = causal(L)
+    for i, budget in enumerate(budgets):
+        mask[n_source + i, budget:n_source] = False
+    return mask

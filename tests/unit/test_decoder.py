@@ -28,15 +28,17 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from oracle import Oracle, causal, layout_mask, layout_positions
+from oracle import Oracle, budget_mask, causal, layout_mask, layout_positions
+from traces import untimed
 
 from simulref import decoder
 from simulref.cache import SOURCE, TARGET
+from simulref.config import DecodeConfig
 from simulref.decoder import LAYOUTS, stream, token_table, translate
 from simulref.policy import ReadAll, Scripted, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, assemble, template_for
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
-from simulref.trace import DroppedEos, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
 
 ATOL = 5e-4
 POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
@@ -141,44 +143,100 @@ def frequent_tokens(arch: str) -> tuple[int, ...]:
     return tuple(sorted(set(target_tokens(trace))))
 
 
+def check_prefilled_against_oracle(oracle, records, target_start) -> int:
+    """The prefilled engine: the first chunk is the whole source; every target chunk's
+    query q of row r saw ``visible`` source tokens (the chunk's earlier queries: row 0's
+    budget) and every earlier target slot, whose entries saw the budgets in ``context``.
+    Each row's logits must be the oracle's for that row's budgets."""
+    first, *rest = records
+    assert first.kind == SOURCE and first.start == 0 and first.visible is None
+    source = np.array(first.tokens).reshape(-1).tolist()
+    target: list[int] = []
+    start = None if target_start == "auto" else target_start
+    checked = 0
+    for r in rest:
+        assert r.kind == TARGET and r.visible is not None and r.context is not None
+        chunk = np.array(r.tokens).reshape(-1).tolist()
+        del target[r.start - len(source):]
+        assert len(r.context) == len(target)
+        target += chunk
+        if start is None:
+            start = r.visible[0]  # "auto": the budget of the first target token
+        logits = np.array(r.logits).reshape(len(r.visible), -1)
+        for row, budget in enumerate(r.visible):
+            budgets = [*r.context, *[r.visible[0]] * (len(chunk) - 1), budget]
+            mask = budget_mask(len(source), budgets)
+            positions = [*range(len(source)), *range(start, start + len(target))]
+            expected = oracle.logits(source + target, positions, mask)[-1]
+            np.testing.assert_allclose(logits[row], expected, atol=ATOL, rtol=0)
+            checked += 1
+    return checked
+
+
 def explicit(arch="llama", k=1, layout="group", target_start="auto", max_tokens_per_word=50,
-             eos_pick=None, stop_at_first_eos=False, script=None):
+             eos_pick=None, stop_at_first_eos=False, script=None, engine="incremental"):
     """A fixed example: the cases a random draw might miss are always run."""
     return example(arch=arch, words=SENTENCE[:6], k=k, layout=layout,
                    target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                   eos_pick=eos_pick, stop_at_first_eos=stop_at_first_eos, script=script)
+                   eos_pick=eos_pick, stop_at_first_eos=stop_at_first_eos, script=script,
+                   engine=engine)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @explicit()
+@explicit(engine="prefilled")
 @explicit(arch="qwen2", k=2, target_start=0, max_tokens_per_word=2)
+@explicit(arch="qwen2", k=2, target_start=0, max_tokens_per_word=2, engine="prefilled")
 @explicit(layout="interleaved", eos_pick=3)
+@explicit(eos_pick=3, engine="prefilled")
 @explicit(arch="qwen2", layout="reencode", k=2)
 @explicit(script=[1, 1, 1, 3], eos_pick=5)
+@explicit(script=[1, 3, 3, 6], eos_pick=5, engine="prefilled")
+@explicit(engine="fused", eos_pick=3)
+@explicit(arch="qwen2", k=2, target_start=0, max_tokens_per_word=2, engine="fused")
+@explicit(script=[1, 3, 3, 6], eos_pick=5, engine="fused")
 @given(arch=st.sampled_from(["llama", "qwen2"]),
        words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
        k=st.integers(1, 5), layout=st.sampled_from(LAYOUTS),
        target_start=st.sampled_from(["auto", "auto", 0, 7]),
        max_tokens_per_word=st.sampled_from([1, 2, 50]),
        eos_pick=st.none() | st.integers(0, 1000), stop_at_first_eos=st.booleans(),
-       script=st.none() | st.lists(st.integers(1, 4), min_size=1, max_size=6).map(sorted))
+       script=st.none() | st.lists(st.integers(1, 4), min_size=1, max_size=6).map(sorted),
+       engine=st.sampled_from(["incremental", "prefilled", "fused"]))
 def test_every_sampled_logit_matches_the_oracle(arch, words, k, layout, target_start,
                                                  max_tokens_per_word, eos_pick,
-                                                 stop_at_first_eos, script):
+                                                 stop_at_first_eos, script, engine):
     if layout != "group":
-        target_start = "auto"
+        target_start, engine = "auto", "auto"
     tokenizer = tok()
     if eos_pick is not None:
         common = frequent_tokens(arch)
         tokenizer = with_eos(tokenizer, common[eos_pick % len(common)])
     records = []
-    trace = translate(model_of(arch), tokenizer, words, k=k, layout=layout,
-                      target_start=target_start, max_tokens_per_word=max_tokens_per_word,
-                      max_new_words=6, stop_at_first_eos=stop_at_first_eos,
-                      policy=None if script is None else Scripted(script),
-                      on_forward=records.append)
-    assert check_against_oracle(oracle_of(arch), records, layout, target_start) >= 1
-    check_slots(records, trace, tokenizer)
+    live = engine == "fused"  # a stream: the fused engine's source
+
+    def run(engine, on_forward=None):
+        return translate(model_of(arch), tokenizer, iter(words) if live else words, k=k,
+                         layout=layout, target_start=target_start,
+                         max_tokens_per_word=max_tokens_per_word, max_new_words=6,
+                         stop_at_first_eos=stop_at_first_eos,
+                         policy=None if script is None else Scripted(script), engine=engine,
+                         on_forward=on_forward)
+
+    trace = run(engine, records.append)
+    if engine == "prefilled":
+        assert check_prefilled_against_oracle(oracle_of(arch), records, target_start) >= 1
+    else:
+        assert check_against_oracle(oracle_of(arch), records, layout, target_start) >= 1
+        check_slots(records, trace, tokenizer)
+    if engine in ("prefilled", "fused"):
+        assert trace.settings.option("engine") == engine
+        # ... and what it fed is what the twin feeds: the same trace.
+        assert untimed(trace) == untimed(run("incremental"))
+    # A fused read: its source chunk, then its target token.
+    for before, r in zip(records, records[1:], strict=False):
+        assert not r.fused or (before.kind == SOURCE and r.start == before.start
+                               + np.array(before.tokens).size)
     assert trace.finish_reason is not None
 
 
@@ -191,7 +249,10 @@ def check_slots(records, trace, tokenizer):
     template = template_for(tokenizer, system=DEFAULT_SYSTEM)
     table = token_table(tokenizer)
     source = list(template.prefix_ids) + [t for r in trace.reads for t in r.token_ids]
-    target = list(template.header_ids) + target_tokens(trace)
+    # Blank runs (whitespace-only runs cut at max_tokens_per_word) stay in the cache too.
+    target = list(template.header_ids) + [t for e in trace.events
+                                          if isinstance(e, (Write, BlankRun))
+                                          for t in e.token_ids]
     tokens, is_target = [], []
     for r in records:
         chunk = np.array(r.tokens).reshape(-1).tolist()
@@ -219,10 +280,7 @@ def source_prefill(model, tokenizer, trace):
 
 
 def run_keeping_cache(model, words, **kw):
-    run = decoder._make_run(model, tok(), words, k=kw.pop("k"), system=DEFAULT_SYSTEM,
-                            target_start="auto", max_tokens_per_word=50, sampler=None,
-                            stop_at_first_eos=False, policy=None, chat_format=None,
-                            on_forward=None, **kw)
+    run = decoder._make_run(model, tok(), words, DecodeConfig(engine="incremental", **kw))
     events = list(run.events())
     return run, events
 
@@ -309,6 +367,7 @@ def test_layouts_part_ways_at_small_k_and_why():
     model = model_of("llama")
     records = {layout: [] for layout in LAYOUTS}
     traces = {layout: translate(model, tok(), SENTENCE, k=1, layout=layout, max_new_words=8,
+                                engine="incremental" if layout == "group" else "auto",
                                 on_forward=records[layout].append) for layout in LAYOUTS}
     first = {tuple(t.writes[0].token_ids) for t in traces.values()}
     assert len(first) == 1
@@ -536,7 +595,7 @@ def test_a_slow_speaker_does_not_change_the_trace():
 
     threading.Thread(target=speak, daemon=True).start()
     trace = translate(model, tok(), iter(q.get, None), k=2, max_new_words=8)
-    assert trace.without_times() == expected
+    assert untimed(trace) == untimed(expected)
 
 
 @pytest.mark.parametrize("source", ["", [], iter(())])
@@ -555,7 +614,7 @@ def test_greedy_sampler_object_is_the_default_path():
     model = model_of("llama")
     a = translate(model, tok(), SENTENCE, k=2, max_new_words=6)
     b = translate(model, tok(), SENTENCE, k=2, max_new_words=6, sampler=make_sampler(0.0))
-    assert a.without_times() == b.without_times()
+    assert untimed(a) == untimed(b)
     mx.random.seed(11)
     c = translate(model, tok(), SENTENCE, k=2, max_new_words=6, sampler=make_sampler(1.0))
     mx.random.seed(11)
@@ -631,16 +690,23 @@ class CountingLM(nn.Module):
         return [KVCache()]
 
     def __call__(self, inputs, cache):
-        n = inputs.shape[1]
+        rows, n = inputs.shape
         mask = cache[0].make_mask(n, return_array=True)
-        kv = self.feats[inputs][:, None]  # [1, 1, n, 2]: one head, features as keys
+        kv = self.feats[inputs][:, None]  # [rows, 1, n, 2]: one head, features as keys
         keys, _ = cache[0].update_and_fetch(kv, kv)
-        visible = mx.ones(keys.shape[2]) if mask is None else mask[-1].astype(mx.float32)
-        n_source, n_target = (visible[:, None] * keys[0, 0]).sum(axis=0)
+        if mask is None:
+            visible = mx.ones((rows, keys.shape[2]))
+        elif mask.ndim == 2:  # queries x keys, the same for every row
+            visible = mx.broadcast_to(mask[-1], (rows, keys.shape[2])).astype(mx.float32)
+        else:  # rows x 1 x queries x keys
+            visible = mask[:, 0, -1].astype(mx.float32)
+        counts = (visible[:, :, None] * keys[:, 0]).sum(axis=1)  # [rows, 2]
+        n_source, n_target = counts[:, 0], counts[:, 1]
         following = mx.where(n_target < self.n_words,
                              self.openers[n_source.astype(mx.int32)], EOS)
-        hot = mx.arange(self.vocab_size) == following
-        return mx.broadcast_to(hot.astype(mx.float32) * 20.0, (1, n, self.vocab_size))
+        hot = mx.arange(self.vocab_size)[None] == following[:, None]
+        return mx.broadcast_to(hot.astype(mx.float32)[:, None] * 20.0,
+                               (rows, n, self.vocab_size))
 
 
 def one_token_words():
@@ -655,8 +721,9 @@ def one_token_words():
     return out
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_first_token_of_every_word_sees_the_words_read_before_it(layout):
+@pytest.mark.parametrize("layout, engine", [(layout, "auto") for layout in LAYOUTS]
+                         + [("group", "incremental")])
+def test_the_first_token_of_every_word_sees_the_words_read_before_it(layout, engine):
     pairs = one_token_words()
     assert len(pairs) >= 8
     source_ids = {i for _, ids in pairs for i in ids}
@@ -668,7 +735,7 @@ def test_the_first_token_of_every_word_sees_the_words_read_before_it(layout):
         for k in (1, 2, 3, n + 1):
             n_words = max(1, n - k + 2)
             model = CountingLM(len(tok()), source_ids, openers, n_words)
-            trace = translate(model, tok(), source, k=k, layout=layout)
+            trace = translate(model, tok(), source, k=k, layout=layout, engine=engine)
             delays = [min(k + i, n) for i in range(n_words)]
             assert [w.token_ids for w in trace.writes] == [(openers[d],) for d in delays]
             assert trace.delays == tuple(delays) and trace.finish_reason == "eos"
@@ -681,7 +748,7 @@ def test_a_speculatively_fed_eos_is_trimmed_with_the_token_below_it():
     words = scripted_words(2, multi_every=5)
     records = []
     trace = translate(scripted_model(words), tok(), SENTENCE[:4], policy=Scripted([1, 1, 1]),
-                      on_forward=records.append)
+                      engine="incremental", on_forward=records.append)
     assert trace.delays == (1, 1)
     assert [e.source_index for e in trace.events if isinstance(e, DroppedEos)] == [0, 1, 2]
     spec_eos = [r for r in records if r.kind == TARGET and r.tokens.size == 1

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from simulref import evaluate, metrics
+from simulref.config import DecodeConfig
 from simulref.evaluate import (
     DataError,
     Evaluation,
@@ -223,7 +224,7 @@ def _evaluation(tiny, out, specs=None):
                 "data_sha256": evaluate.sha256_of(PAIRS)}
     return Evaluation(model=model, tokenizer=tokenizer, pairs=PAIRS,
                       specs=specs or run_specs(["group"], [1, 2]), out=out,
-                      settings=settings, max_tokens_per_word=3)
+                      settings=settings, config=DecodeConfig(max_tokens_per_word=3))
 
 
 def _untimed(path):

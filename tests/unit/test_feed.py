@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
+from traces import untimed as untimed_trace
 
 from simulref.decoder import NEED_INPUT, Feed, stream, translate
 from simulref.policy import Scripted, WaitK
@@ -99,7 +100,7 @@ def test_a_feed_gives_the_list_trace_and_asks_exactly_when_a_word_is_missing(
         arch, words, policy, layout, pushes, final):
     model = model_of(arch)
     kw = dict(policy=policy, layout=layout, max_new_words=12)
-    expected = translate(model, tok(), words, **kw).without_times()
+    expected = untimed_trace(translate(model, tok(), words, **kw))
     events, needs = run_feed(model, words, pushes, final=final, **kw)
     assert untimed(events) == list(expected.events)
     for position, waiting in needs:
@@ -118,16 +119,16 @@ def test_a_feed_gives_the_list_trace_and_asks_exactly_when_a_word_is_missing(
 def test_a_complete_feed_translates_to_the_list_trace():
     model = model_of("llama")
     words = POOL[:7]
-    expected = translate(model, tok(), words, k=2, max_new_words=10).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=2, max_new_words=10))
     feed = Feed()
     for i, w in enumerate(words):
         feed.push(w, last=i == len(words) - 1)
-    assert translate(model, tok(), feed, k=2, max_new_words=10).without_times() == expected
+    assert untimed_trace(translate(model, tok(), feed, k=2, max_new_words=10)) == expected
     ended = Feed()
     for w in words:
         ended.push(w)
     ended.end()  # nothing read yet: the last pushed word takes the suffix
-    assert translate(model, tok(), ended, k=2, max_new_words=10).without_times() == expected
+    assert untimed_trace(translate(model, tok(), ended, k=2, max_new_words=10)) == expected
 
 
 def test_the_last_pushed_word_carries_the_suffix_and_no_other():
@@ -175,7 +176,7 @@ def test_a_forced_read_after_a_dropped_eos_survives_the_wait_for_input():
     eos = tok().eos_token_id
     model = ConstantLM(len(tok()), eos)
     words = POOL[:4]
-    expected = translate(model, tok(), words, k=1).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=1))
     kinds = [type(e) for e in expected.events]
     assert kinds == [Read, DroppedEos, Read, DroppedEos, Read, DroppedEos, Read, Finish]
     events, needs = run_feed(model, words, [], k=1)
@@ -186,7 +187,7 @@ def test_a_forced_read_after_a_dropped_eos_survives_the_wait_for_input():
 def test_asking_again_without_pushing_changes_nothing():
     model = model_of("llama")
     words = POOL[:5]
-    expected = translate(model, tok(), words, k=2, max_new_words=8).without_times()
+    expected = untimed_trace(translate(model, tok(), words, k=2, max_new_words=8))
     feed = Feed()
     it = stream(model, tok(), feed, k=2, max_new_words=8)
     events, asked = [], 0

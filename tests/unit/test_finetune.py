@@ -61,8 +61,10 @@ def forced_decoder_logits(model, tokenizer, ex, source, k, target_start):
     def force(logprobs):
         return mx.array([full[min(label_of(records[-1]), len(full) - 1)]])
 
+    # The incremental engine: the decoder's reference twin, one row per forward (the other
+    # engines are held equal to it by the engine tests).
     trace = translate(model, tokenizer, source, k=k, target_start=target_start,
-                      sampler=force, on_forward=records.append)
+                      engine="incremental", sampler=force, on_forward=records.append)
     written = [t for w in trace.writes for t in w.token_ids]
     assert written == full[header:-1], "the decoder did not write the reference"
     got = {}

@@ -23,7 +23,8 @@ def test_unknown_name_is_an_attribute_error():
 def test_pure_modules_import_without_mlx():
     code = (
         "import sys, simulref, simulref.prompt, simulref.trace, simulref.metrics, "
-        "simulref.verify, simulref.quality, simulref.policy; "
+        "simulref.verify, simulref.quality, simulref.policy, simulref.config; "
+        "simulref.DecodeConfig(k=2).settings('m', engine='prefilled'); "
         "simulref.check_trace; simulref.Trace; "
         "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')))"
     )

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from simuleval.evaluator.scorers import get_scorer_class
+from traces import untimed
 
 from simulref import evaluate, metrics
 from simulref.decoder import translate
@@ -112,7 +113,7 @@ def test_simuleval_scores_equal_simulref_scores(tmp_path, arch, k, layout):
     # The agent's traces are translate()'s: one word per call, no look-ahead, one cache.
     for pair, trace in zip(data, agent.traces, strict=True):
         expected = translate(model, tok(), pair.source, k=k, layout=layout, model_id="tiny")
-        assert trace.without_times() == expected.without_times()
+        assert untimed(trace) == untimed(expected)
     ours = check_against_simulref(evaluator, agent.traces, [p.reference for p in data])
     # simulref's eval pipeline on the same traces gives the same corpus latency (it counts
     # reference words with split(), SimulEval with split(" "): the same on this data).
@@ -141,7 +142,7 @@ def test_several_writes_between_two_reads_keep_their_delay(tmp_path, delays):
     repeated = 0  # writes with the same delay as the one before, the source not done
     for pair, trace in zip(data, agent.traces, strict=True):
         expected = translate(model, tok(), pair.source, policy=policy, model_id="tiny")
-        assert trace.without_times() == expected.without_times()
+        assert untimed(trace) == untimed(expected)
         n = len(pair.source.split())
         repeated += sum(a == b < n for a, b in zip(trace.delays, trace.delays[1:], strict=False))
     assert repeated  # the case under test happened
@@ -159,7 +160,7 @@ def test_an_empty_source_line_and_the_next_sentence(tmp_path):
     assert evaluator.instances[0].prediction == "" and evaluator.instances[0].delays == []
     expected = translate(model, tok(), "canceling statement due to user request", k=2,
                          model_id="tiny")
-    assert sentence.without_times() == expected.without_times()  # reset() started afresh
+    assert untimed(sentence) == untimed(expected)  # reset() started afresh
 
 
 def test_the_command_line(tmp_path):
@@ -208,7 +209,8 @@ def test_the_command_line(tmp_path):
 def test_agent_options_reach_the_decoder():
     agent = SimulRefAgent(model_of("llama"), tok(), k=4, layout="interleaved",
                           system="Translate to German", max_tokens_per_word=7)
-    assert agent.options["k"] == 4 and agent.model_id == "llama"
+    assert agent.config.k == 4 and agent.config.max_tokens_per_word == 7
+    assert agent.model_id == "llama"
     with pytest.raises(ValueError, match="layout"):
         SimulRefAgent(model_of("llama"), tok(), layout="diagonal")
     with pytest.raises(ValueError, match="k: expected an int >= 1"):

@@ -1,0 +1,505 @@
+"""Engines: how tokens reach the model, apart from the read/write loop that decides them.
+
+The loop (:mod:`simulref.decoder`) owns the policy, word boundaries, EOS handling and the
+events. It talks to an engine through four calls:
+
+- ``start(prefix_ids)``: the source prefix (system turn + user header), once;
+- ``read(ids)``: one source word was read (its ids, with the end-of-turn suffix on the
+  last word);
+- ``peek(may_read) -> int``: the token the model predicts next, given the target tokens
+  accepted so far and the source read so far (the assistant header goes in first);
+- ``accept(token, speculate, may_read)``: ``token`` (the one ``peek`` gave) joins the
+  target; ``speculate`` says the loop expects no read before the next token, so the
+  engine may feed that one before the loop looks at it (pipelining).
+
+``may_read`` says whether a read may come between this sample and the next one (the
+source is not done): the prefilled engine then feeds the token in two rows.
+
+Engines (all give the same trace for the same inputs; :class:`IncrementalEngine` is the
+slow, obviously-correct twin the others are tested against):
+
+``incremental``
+    Source chunks fed as they are read; after a read that follows target tokens, the
+    token predicted without the new word is dropped, the last target token's cache entry
+    trimmed and that token fed again (see docs/decoder.md, "Drop, trim, re-feed").
+``reencode``
+    The baseline: after such a read the whole cache is rebuilt (source, then target).
+``prefilled``
+    A source known up front, group layout: the whole source is prefilled in one forward
+    at the start. In the group layout source keys never see target keys, so this is the
+    cache a word-by-word read builds; a target query's mask hides the source tokens past
+    the words read (its *budget*). While a read may follow, each target token goes in two
+    rows, budget r and r + 1: when the loop reads one word, the next token is row r + 1's
+    sample and row r + 1's cache entry is kept (no trim, no re-feed). Only a second read
+    in a row re-feeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .cache import SOURCE, TARGET, make_stream_cache
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One model call, for :func:`simulref.decoder.stream`'s ``on_forward`` hook (tests
+    and debugging).
+
+    ``start`` is the cache slot of the chunk's first token (slots past it were trimmed
+    before this call); ``tokens`` (an ``mx.array``, possibly still lazy), ``positions``
+    and ``kind`` describe the chunk; ``logits`` are the last token's logits the decoder
+    samples from (None for source chunks, whose logits are never computed): shape
+    (vocab,), or (rows, vocab) for a chunk fed in several rows. ``speculative``: the token
+    was fed before the decoder looked at it (pipelining); it may yet be dropped.
+    ``visible``: per row, the source tokens the chunk's last query sees (None: every
+    source token in the cache). ``context``: per target slot before ``start``, the source
+    tokens its cache entry saw (None when every source token fed before it).
+    ``fused``: this target chunk went in the same model call as the source chunk reported
+    just before it (a fused read).
+    """
+
+    start: int
+    tokens: object
+    positions: tuple
+    kind: str
+    logits: object | None
+    speculative: bool = False
+    visible: tuple[int, ...] | None = None
+    context: tuple | None = None
+    fused: bool = False
+
+
+# Architectures whose mlx-lm Model.__call__ is the body (``self.model``) then the tied or
+# untied head: their logits can be taken at the last position only.
+_BODY_THEN_HEAD = ("llama", "qwen2", "qwen3")
+
+
+def last_position_head(model):
+    """``(body, head)`` for mlx-lm models of :data:`_BODY_THEN_HEAD` (their own classes),
+    else None. The decoder samples from the last position of a chunk only; applying the
+    head there alone saves the rest (the head is a fifth of SmolLM2-135M's weights, and a
+    fused read or a two-row header has many positions)."""
+    kind = getattr(model, "model_type", None)
+    if kind not in _BODY_THEN_HEAD or type(model).__module__ != f"mlx_lm.models.{kind}":
+        return None
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return body, body.embed_tokens.as_linear
+    head = getattr(model, "lm_head", None)
+    return None if head is None else (body, head)
+
+
+def is_greedy(sampler) -> bool:
+    if sampler is None:
+        return True
+    from mlx_lm.sample_utils import make_sampler
+
+    return sampler is make_sampler(temp=0.0)
+
+
+@dataclass
+class Lookahead:
+    """What the loop peeks at: the token the model predicts next, not yet placed in a
+    word, and whether it is already in the cache (fed ahead, pipelining) with the lazy
+    token sampled after it."""
+
+    token: int | None = None
+    in_cache: bool = False
+    after: object = None
+
+    def clear(self) -> None:
+        self.token, self.in_cache, self.after = None, False, None
+
+    def set(self, y) -> int:
+        """A freshly sampled token (not fed yet) becomes the one to peek at."""
+        self.token, self.in_cache, self.after = y.item(), False, None
+        return self.token
+
+    def advance(self, feed: Callable, token: int, speculate: bool) -> None:
+        """``token`` joined the target: the next token is sampled from feeding it (unless
+        it was fed ahead already); with ``speculate`` that one is fed too before anyone
+        looks at it, and its forward queued (``mx.async_eval``), as mlx_lm.generate does.
+        ``feed(ids, speculative=False)`` returns the lazy token sampled after ``ids``."""
+        import mlx.core as mx
+
+        y = self.after if self.in_cache else feed([token])
+        if speculate:
+            self.after = feed(y, speculative=True)
+            mx.async_eval(self.after)
+            self.in_cache = True
+        else:
+            self.after, self.in_cache = None, False
+        self.token = y.item()
+
+
+class _Engine:
+    """What every engine shares: the caches, one forward, sampling."""
+
+    name = ""
+
+    def __init__(self, model, template, *, layout: str, target_start, sampler,
+                 on_forward: Callable | None):
+        self.model = model
+        self.template = template
+        self.caches = make_stream_cache(model, layout, target_start)
+        self.shared = self.caches[0].shared
+        self.greedy = is_greedy(sampler)
+        self.sampler = sampler
+        self.on_forward = on_forward
+        self.split = last_position_head(model)
+
+    def _last_logits(self, batch):
+        """The model on ``batch`` (rows x n); the last position's logits of every row."""
+        if self.split is None:
+            return self.model(batch, cache=self.caches)[:, -1, :]
+        body, head = self.split
+        return head(body(batch, cache=self.caches)[:, -1:, :])[:, -1, :]
+
+    def _call(self, tokens, kind: str, visible=None, speculative: bool = False,
+              lazy_source: bool = True, context=None):
+        """Feed ``tokens`` (1-D, or (rows, n)) as one chunk; the last token's logits of
+        every row for a target chunk (shape (rows, vocab)), None for a source chunk."""
+        import mlx.core as mx
+
+        batch = tokens if tokens.ndim == 2 else tokens[None]
+        start = self.shared.length
+        self.shared.begin(kind, batch.shape[1], visible=visible)
+        if kind == SOURCE:
+            self.model(batch, cache=self.caches)  # only the cache is wanted: stays lazy
+            if not lazy_source:
+                # A stream may block on the next word: compute the cache meanwhile.
+                mx.async_eval([c.keys for c in self.caches] + [c.values for c in self.caches])
+            logits = None
+        else:
+            logits = self._last_logits(batch)
+        if self.on_forward is not None:
+            rows = None if visible is None else tuple(int(v) for v in
+                                                      _last_column(visible, batch))
+            shown = None if logits is None else (logits[0] if logits.shape[0] == 1 else logits)
+            self.on_forward(Forward(start, batch[0], self.shared.positions(), kind, shown,
+                                    speculative, rows, context))
+        return logits
+
+    def _sample(self, logits):
+        import mlx.core as mx
+
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def _trim(self, n: int) -> None:
+        for cache in self.caches:
+            cache.trim(n)
+
+    def _header(self) -> list[int]:
+        header = list(self.template.header_ids)
+        if not header:
+            raise ValueError("chat_format: the assistant header tokenizes to nothing")
+        return header
+
+
+def _last_column(visible, batch):
+    import numpy as np
+
+    budgets = np.asarray(visible)
+    if budgets.ndim == 0:
+        return [int(budgets)] * batch.shape[0]
+    return budgets[:, -1]
+
+
+class IncrementalEngine(_Engine):
+    """Source chunks as they are read; drop, trim and re-feed after a read (the twin)."""
+
+    name = "incremental"
+
+    def __init__(self, model, template, *, layout: str, target_start, sampler, on_forward,
+                 known_source: bool):
+        super().__init__(model, template, layout=layout, target_start=target_start,
+                         sampler=sampler, on_forward=on_forward)
+        self.known_source = known_source
+        self.fed: list[int] = []  # target tokens in the cache: header, then words' tokens
+        self.stale = False  # source read since the last target token was fed
+        self.ahead = Lookahead()
+        self.unfed_source: list[int] = []  # read from a known source, not yet fed
+
+    # -- the loop's calls
+
+    def start(self, prefix_ids: Sequence[int]) -> None:
+        self._feed_source(prefix_ids)
+
+    def read(self, ids: Sequence[int]) -> None:
+        if self.fed and not self.stale:
+            # The pending token (and, below it, the last fed token's entry) was computed
+            # without this word: drop the one, trim the other, feed it again later.
+            self._drop_pending()
+            self.stale = True
+        self._feed_source(ids)
+
+    def peek(self, may_read: bool = True) -> int:
+        if self.ahead.token is not None:
+            return self.ahead.token
+        if not self.fed:
+            header = self._header()
+            self.fed.extend(header)
+            y = self._feed_targets(header)
+        elif not self.stale:
+            raise AssertionError("decoder: no pending token although no source was read")
+        else:
+            y = self._refeed()
+        self.stale = False
+        return self.ahead.set(y)
+
+    def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
+        self.fed.append(token)
+        self.ahead.advance(self._feed_targets, token, speculate)
+
+    # -- model calls
+
+    def _drop_pending(self) -> None:
+        self._trim(1 + self.ahead.in_cache)
+        self.ahead.clear()
+
+    def _refeed(self):
+        return self._feed_targets(self.fed[-1:])
+
+    def _feed_source(self, ids: Sequence[int]) -> None:
+        import mlx.core as mx
+
+        if self.known_source:
+            # Known source: its forward would stay lazy until the next target token anyway,
+            # so words read in a row go in one chunk (same cache, one pass over the weights
+            # instead of one per word: prefill of the first read / offline ~2-3x faster).
+            self.unfed_source.extend(ids)
+            return
+        self._call(mx.array(ids, dtype=mx.int32), SOURCE, lazy_source=False)
+
+    def _flush_source(self) -> None:
+        import mlx.core as mx
+
+        if self.unfed_source:
+            ids, self.unfed_source = self.unfed_source, []
+            self._call(mx.array(ids, dtype=mx.int32), SOURCE)
+
+    def _feed_targets(self, ids, speculative: bool = False):
+        """Feed target tokens (list of ints, or a lazy 1-element array); returns the lazy
+        next token."""
+        import mlx.core as mx
+
+        self._flush_source()
+        tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
+        return self._sample(self._call(tokens, TARGET, speculative=speculative))
+
+
+class FusedEngine(IncrementalEngine):
+    """A live source: a word read after target tokens goes in one forward with the re-feed
+    of the last target token (two rows: the source chunk at its source positions with the
+    source-only mask; the target token, left-padded, at its target position, seeing
+    everything), written into the one chronological buffer (``StreamState.begin_fused``).
+    The same cache and logits as the incremental engine's two forwards, in one pass over
+    the weights."""
+
+    name = "fused"
+
+    def __init__(self, model, template, *, target_start, sampler, on_forward):
+        super().__init__(model, template, layout="group", target_start=target_start,
+                         sampler=sampler, on_forward=on_forward, known_source=False)
+        self.held: list[int] | None = None  # read, waiting to go in with the re-feed
+
+    def read(self, ids: Sequence[int]) -> None:
+        import mlx.core as mx
+
+        if not self.fed:
+            super().read(ids)  # nothing to re-feed yet: a plain source chunk
+            return
+        if not self.stale:
+            self._drop_pending()
+            self.stale = True
+        if self.held is not None:  # a second read in a row: the first goes alone
+            self._call(mx.array(self.held, dtype=mx.int32), SOURCE, lazy_source=False)
+        self.held = list(ids)
+
+    def _refeed(self):
+        import mlx.core as mx
+
+        if self.held is None:
+            return super()._refeed()
+        ids, self.held = self.held, None
+        m, token = len(ids), self.fed[-1]
+        tokens = mx.array([ids, [token] * m], dtype=mx.int32)
+        start = self.shared.length
+        self.shared.begin_fused(m)
+        logits = self._last_logits(tokens)[1:]
+        if self.on_forward is not None:
+            source_positions, target_positions = self.shared.positions()
+            self.on_forward(Forward(start, tokens[0], source_positions, SOURCE, None))
+            self.on_forward(Forward(start + m, tokens[1, -1:], target_positions[-1:], TARGET,
+                                    logits[0], fused=True))
+        return self._sample(logits)
+
+
+def supports_row_offsets(model) -> bool:
+    """Whether every attention layer takes its RoPE offset from ``cache.offset`` through
+    an ``mx.fast.rope``-based module (which accepts one offset per batch row), as mlx-lm's
+    llama, qwen2, qwen3, gemma2 and most others do. Otherwise a fused read cannot give
+    its two rows different positions."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return False
+    return all(hasattr(getattr(layer, "self_attn", None), "rope") for layer in layers)
+
+
+class ReencodeEngine(IncrementalEngine):
+    """The baseline: after a read that follows target tokens, rebuild the whole cache
+    (source read so far, then the target so far), contiguous positions, causal mask."""
+
+    name = "reencode"
+
+    def __init__(self, model, template, *, target_start, sampler, on_forward,
+                 known_source: bool):
+        super().__init__(model, template, layout="interleaved", target_start=target_start,
+                         sampler=sampler, on_forward=on_forward, known_source=known_source)
+        self.source_ids: list[int] = []  # everything read, prefix included
+
+    def _drop_pending(self) -> None:
+        self.ahead.clear()  # the cache is rebuilt anyway
+
+    def _feed_source(self, ids: Sequence[int]) -> None:
+        self.source_ids.extend(ids)
+        if self.fed:
+            return  # rebuilt from scratch before the next target token
+        super()._feed_source(ids)
+
+    def _refeed(self):
+        import mlx.core as mx
+
+        for cache in self.caches:
+            cache.reset()
+        self._call(mx.array(self.source_ids, dtype=mx.int32), SOURCE,
+                   lazy_source=self.known_source)
+        return self._feed_targets(self.fed)
+
+
+class PrefilledEngine(_Engine):
+    """The whole source prefilled at the start; reads move a budget; two-budget rows."""
+
+    name = "prefilled"
+
+    def __init__(self, model, template, word_ids: Sequence[Sequence[int]], *, target_start,
+                 sampler, on_forward):
+        super().__init__(model, template, layout="group", target_start=target_start,
+                         sampler=sampler, on_forward=on_forward)
+        self.word_ids = [list(ids) for ids in word_ids]  # the last with the suffix
+        self.ends: list[int] = []  # ends[r]: source tokens of the prefix and r words
+        self.read_count = 0
+        self.fed: list[int] = []  # target tokens in the cache
+        self.slot_budgets: list[int] = []  # per target slot: the budget its entry saw
+        self.ahead = Lookahead()  # fed ahead only once the source is done
+        self.alt = None  # (lazy logits of row r + 1, its budget) of the last forward
+        self.kept_row: int | None = None  # row to keep of the last multi-row forward
+        self.reads_since_sample = 0
+
+    @property
+    def budget(self) -> int:
+        return self.ends[self.read_count]
+
+    # -- the loop's calls
+
+    def start(self, prefix_ids: Sequence[int]) -> None:
+        import mlx.core as mx
+
+        ids = list(prefix_ids)
+        self.ends = [len(ids)]
+        for word in self.word_ids:
+            ids += word
+            self.ends.append(len(ids))
+        self._call(mx.array(ids, dtype=mx.int32), SOURCE)
+
+    def read(self, ids: Sequence[int]) -> None:
+        self.read_count += 1
+        if not self.fed:
+            return  # the header is not in yet: it will see this budget
+        if self.reads_since_sample == 0:
+            if self.ahead.in_cache:  # the speculative step saw the old budget: drop it
+                self._trim_target(1)
+            self.ahead.clear()
+        self.reads_since_sample += 1
+
+    def peek(self, may_read: bool = True) -> int:
+
+        if self.ahead.token is not None:
+            return self.ahead.token
+        if not self.fed:
+            header = self._header()
+            self.shared.start_target_group(self.budget)
+            self.fed.extend(header)
+            y = self._feed(header, may_read)
+        elif self.reads_since_sample == 0:
+            raise AssertionError("decoder: no pending token although no source was read")
+        elif (self.reads_since_sample == 1 and self.alt is not None
+              and self.alt[1] == self.budget):
+            # Row r + 1 of the last forward saw exactly this budget: take its token and
+            # keep its cache entry.
+            logits, budget = self.alt
+            self.kept_row, self.alt = 1, None
+            self.slot_budgets[-1] = budget
+            y = self._sample(logits[None])
+        else:
+            # More than one read since the last target token (or no second row): feed it
+            # again at the new budget.
+            self._trim_target(1)
+            y = self._feed(self.fed[-1:], may_read)
+        self.reads_since_sample = 0
+        return self.ahead.set(y)
+
+    def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
+        self.fed.append(token)
+        # Pipelining only once no read can follow: a step fed ahead while a read may
+        # follow would settle the rows of the step below it too early.
+        self.ahead.advance(
+            lambda ids, speculative=False: self._feed(ids, may_read, speculative=speculative),
+            token, speculate and not may_read)
+
+    # -- model calls
+
+    def _settle(self) -> None:
+        """Before the cache changes again: every row holds the kept row's last entry."""
+        if self.kept_row is not None:
+            for cache in self.caches:
+                cache.keep(self.kept_row)
+            self.kept_row = None
+
+    def _trim_target(self, n: int) -> None:
+        self._settle()
+        self._trim(n)
+        del self.slot_budgets[len(self.slot_budgets) - n:]
+
+    def _feed(self, ids, may_read: bool, speculative: bool = False):
+        """Feed target tokens at the current budget; with ``may_read`` (and a word left to
+        read) also in a second row whose last token sees one more word. Returns the lazy
+        token sampled from row 0; row 1's logits wait in ``self.alt``."""
+        import mlx.core as mx
+        import numpy as np
+
+        self._settle()
+        tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
+        n = tokens.shape[0]
+        budget = self.budget
+        two = may_read and self.read_count + 1 < len(self.ends)
+        context = tuple(self.slot_budgets) if self.on_forward is not None else None
+        if two:
+            visible = np.full((2, n), budget, dtype=np.int64)
+            visible[1, -1] = self.ends[self.read_count + 1]
+            logits = self._call(mx.broadcast_to(tokens[None], (2, n)), TARGET,
+                                visible=visible, speculative=speculative, context=context)
+            self.alt = (logits[1], int(visible[1, -1]))
+            self.kept_row = 0  # unless a read switches it to row 1
+        else:
+            logits = self._call(tokens, TARGET, visible=budget, speculative=speculative,
+                                context=context)
+            self.alt = None
+        self.slot_budgets.extend([budget] * n)
+        return self._sample(logits[:1])
