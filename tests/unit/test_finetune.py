@@ -272,3 +272,41 @@ def test_max_minutes_stops_and_saves(tmp_path):
     _, summary = tiny_train(tmp_path, iters=50, max_minutes=1e-9)
     assert summary["steps"] == 1
     assert (tmp_path / finetune.CHECKPOINT_FILE).is_file()
+
+
+@settings(max_examples=15)
+@given(arch=st.sampled_from(["llama", "qwen2"]), source=words, target=targets,
+       k=st.integers(1, 5), target_start=st.one_of(st.just("auto"), st.integers(0, 60)))
+def test_training_logits_equal_the_prefilled_engines_rows(arch, source, target, k,
+                                                          target_start):
+    """The prefilled engine feeds each target token in rows of different source budgets
+    (``Forward.visible``); the row with the training budget of each label has its logits."""
+    model, tokenizer = tiny_model(arch, seed=3), tiny_tokenizer()
+    source, target = " ".join(source), " ".join(target)
+    ex = example(tokenizer, source, target, k=k)
+    logits = finetune.target_logits(model, finetune.pad_batch([ex]), target_start)
+    full = list(ex.inputs) + [ex.labels[-1]]
+    header = len(ex.inputs) - ex.scored + 1
+    records = []
+
+    def label_of(forward) -> int:
+        first = next(r for r in records if r.kind == "target").positions[0]
+        return forward.positions[-1] - first + 1
+
+    def force(logprobs):
+        token = full[min(label_of(records[-1]), len(full) - 1)]
+        return mx.array([token] * logprobs.shape[0])
+
+    trace = translate(model, tokenizer, source, k=k, target_start=target_start,
+                      engine="prefilled", sampler=force, on_forward=records.append)
+    assert [t for w in trace.writes for t in w.token_ids] == full[header:-1]
+    rows = {}  # (label, budget) -> logits of the last forward that had that row
+    for forward in records:
+        if forward.kind != "target" or label_of(forward) >= len(full):
+            continue
+        stacked = forward.logits if forward.logits.ndim == 2 else forward.logits[None]
+        for row, budget in enumerate(forward.visible):
+            rows[label_of(forward), budget] = stacked[row]
+    for label in range(header, len(full)):
+        expected = rows[label, ex.visible[label - 1]]
+        assert float(mx.abs(logits[0, label - 1] - expected).max()) < ATOL, label
