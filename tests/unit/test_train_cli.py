@@ -56,6 +56,14 @@ def test_train_then_translate_with_the_adapter(gguf, data, tmp_path, capsys):
     (trace,) = read_traces(capsys.readouterr().out)
     assert dict(trace.settings.extra)["adapter"] == str(out)
 
+    runs = tmp_path / "eval"
+    assert main(["eval", data, "--model", gguf, "--adapter", str(out), "-k", "2", "--no-offline",
+                 "--limit", "2", "--out", str(runs), "--max-tokens-per-word", "4"]) == 0
+    capsys.readouterr()
+    traces = read_traces(runs / "traces-group-k2.jsonl")
+    assert len(traces) == 2 and all(dict(t.settings.extra)["adapter"] == str(out) for t in traces)
+    assert json.loads((runs / "settings.json").read_text())["adapter"] == str(out)
+
     # Resume to more steps; without --resume the checkpoint is refused (exit 2).
     assert main(["train", "--model", gguf, "--data", data, "--iters", "4", "--batch-size", "2",
                  "--lr", "1e-2", "--lora-layers", "1", "-k", "1", "2", "--out", str(out)]) == 2
