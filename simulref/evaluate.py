@@ -18,7 +18,6 @@ An interrupted append leaves at most a partial last line, which is cut off on re
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import os
