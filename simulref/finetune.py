@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .cache import SOURCE, TARGET, make_stream_cache
+from .cache import SOURCE, TARGET, StreamState, make_stream_cache
 from .prompt import DEFAULT_SYSTEM, template_for
 
 MODES = ("streaming", "batch")
@@ -413,7 +413,8 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
 
     ``k``: the wait-k lag, or several (each pair draws one, seeded). ``max_minutes``
     stops early (after a whole step) and saves. ``resume=True`` continues the checkpoint
-    in ``out`` (same settings required). Returns a summary dict (steps, losses, time).
+    in ``out`` (same settings required; without a checkpoint it starts afresh); without
+    it an existing checkpoint is refused. Returns a summary dict (steps, losses, time).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -431,6 +432,9 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     if not ks or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ks):
         raise ValueError(f"k: expected ints >= 1, got {k!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr: expected a number > 0, got {lr!r}")
+    StreamState("group", target_start)  # checks target_start before any work is done
     if len(pairs) < batch_size:
         raise ValueError(f"batch_size: expected at most the {len(pairs)} training pairs, "
                          f"got {batch_size}")

@@ -310,3 +310,17 @@ def test_training_logits_equal_the_prefilled_engines_rows(arch, source, target, 
     for label in range(header, len(full)):
         expected = rows[label, ex.visible[label - 1]]
         assert float(mx.abs(logits[0, label - 1] - expected).max()) < ATOL, label
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("iters", 0, "iters: expected an int >= 1"),
+    ("batch_size", 9, "batch_size: expected at most the 8 training pairs"),
+    ("k", [2, 0], "k: expected ints >= 1"),
+    ("lr", 0.0, "lr: expected a number > 0"),
+    ("mode", "offline", "mode: expected one of"),
+    ("target_start", -1, "target_start: expected 'auto' or an int >= 0"),
+])
+def test_train_rejects_bad_arguments(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_train(tmp_path, **{option: value})
+
