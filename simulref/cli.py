@@ -26,6 +26,7 @@ from simulref import blas
 from simulref.checks import parse_int
 from simulref.config import DTYPES, ENGINES, LAYOUTS, DecodeConfig
 from simulref.limits import MAX_POSITION
+from simulref.train_cli import add_train_parser
 
 WATCH_MODES = ("live", "side-by-side", "trace")
 EXIT_USAGE = 2
@@ -228,13 +229,20 @@ def stdout_console(**options):
 # --- models ------------------------------------------------------------------------------
 
 
-def load_model(spec: str | None, dtype: str | None = None):
+def load_model(spec: str | None, dtype: str | None = None, adapter: str | None = None):
     """(model, tokenizer) for a preset name or a path; a bad one is a usage error."""
     from simulref import models
 
     name = spec or models.DEFAULT_PRESET
+    if adapter is not None:
+        from simulref.adapters import check_adapter
+
+        try:
+            check_adapter(adapter)  # a missing adapter costs no model load
+        except FileNotFoundError as error:
+            raise UsageError(f"--adapter {adapter}: {error}") from None
     try:
-        return models.load(name, dtype)
+        return models.load(name, dtype, adapter=adapter)
     except (OSError, ValueError, models.DownloadError) as error:
         raise UsageError(f"--model {name}: {error}") from None
 
@@ -287,7 +295,8 @@ def trace_settings(args, source, model):
 
     config = decode_config(args)
     return config.settings(model_name(args.model),
-                           engine=engine_name(config, model, isinstance(source, Sequence)))
+                           engine=engine_name(config, model, isinstance(source, Sequence)),
+                           **({"adapter": args.adapter} if args.adapter else {}))
 
 
 def _default_system() -> str:
@@ -303,6 +312,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) ->
                              "(default: the default preset; see `simulref models`)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default: float32 on CPU, quantized on a GPU)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="LoRA adapter directory to apply (what `simulref train` writes)")
     if many:
         parser.add_argument("-k", "--k", dest="k", type=positive_int, nargs="+",
                             metavar="K", default=None,
@@ -389,7 +400,7 @@ def run_translate(args) -> int:
     from simulref.trace import Finish, Read, Trace, Write, render_compact
 
     source = source_words(args.text)
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     out = sys.stdout
     written = [0]
@@ -468,7 +479,7 @@ def run_watch(args) -> int:
     if args.save is not None:
         _check_writable(args.save, "--save")
     source = source_words(args.text)
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     if args.delay:
         source = paced(source, args.delay)
@@ -574,6 +585,7 @@ def run_eval(args) -> int:
         "data": args.dataset or str(path), "data_sha256": evaluate.sha256_of(pairs),
         "sentences": len(pairs), "ks": ks, "layouts": layouts,
         "word_duration": args.word_duration,
+        **({"adapter": args.adapter} if args.adapter else {}),
     }
     try:
         evaluate.check_out_dir(out, settings, write=False)  # written once the run starts
@@ -589,7 +601,7 @@ def run_eval(args) -> int:
 
 def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
               base: DecodeConfig) -> int:
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     system_args = argparse.Namespace(system=settings["system"], target_start=args.target_start)
     for pair in pairs:
         check_context(model, tokenizer, pair.source.split(), system_args,
@@ -846,6 +858,9 @@ def _load_for_verify(path, err) -> list | None:
         print(f"simulref verify: {path}: no trace in the file", file=err)
         return None
     return loaded
+
+
+command(add_train_parser)
 
 
 # --- entry point -------------------------------------------------------------------------

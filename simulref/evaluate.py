@@ -18,6 +18,7 @@ An interrupted append leaves at most a partial last line, which is cut off on re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -393,8 +394,15 @@ class Evaluation:
     def translate(self, spec: RunSpec, source: str):
         from simulref import decoder
 
-        return decoder.translate(self.model, self.tokenizer, source, self.run_config(spec),
-                                 model_id=self.settings.get("model"))
+        trace = decoder.translate(self.model, self.tokenizer, source, self.run_config(spec),
+                                  model_id=self.settings.get("model"))
+        adapter = self.settings.get("adapter")
+        if adapter is None:
+            return trace
+        # The decoder knows the model, not how it was made: record the LoRA adapter too.
+        extra = {**dict(trace.settings.extra), "adapter": adapter}
+        settings = dataclasses.replace(trace.settings, extra=extra)
+        return dataclasses.replace(trace, settings=settings)
 
     def pending(self, spec: RunSpec) -> list[int]:
         done = {r["index"] for r in load_records(self.out / spec.progress_file, repair=True)}

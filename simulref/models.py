@@ -83,10 +83,14 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = None):
+def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = None,
+         adapter: str | os.PathLike | None = None):
     """Load a model and its tokenizer: ``(model, tokenizer)`` as ``mlx_lm.load`` returns.
 
     See the module documentation for what ``name_or_path`` and ``dtype`` accept.
+    ``adapter``: an mlx-lm LoRA adapter directory (what ``simulref train`` writes) applied
+    after loading; an adapter preset (:data:`simulref.adapters.ADAPTER_PRESETS`) names
+    its base model and adapter at once.
     Raises ValueError for an unknown name, a bad dtype, a corrupt or unsupported GGUF
     file (:class:`GGUFError`) or a checksum mismatch (:class:`ChecksumError`);
     FileNotFoundError for a missing path; :class:`DownloadError` when a preset or a repo
@@ -99,6 +103,23 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
     if not os.fspath(name_or_path).strip():  # the right type, a wrong value
         raise ValueError(expected)
     dtype = _check_dtype(dtype)
+    from simulref.adapters import ADAPTER_PRESETS, apply_adapter, check_adapter
+
+    text = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and text in ADAPTER_PRESETS:
+        if adapter is not None:
+            raise ValueError(f"adapter: {text!r} is an adapter preset and brings its own "
+                             f"adapter; pass its base {ADAPTER_PRESETS[text].base!r} instead")
+        preset = ADAPTER_PRESETS[text]
+        name_or_path, adapter = preset.base, preset.path
+    if adapter is not None:
+        check_adapter(adapter)  # before a model loads
+        model, tokenizer = _load(name_or_path, dtype)
+        return apply_adapter(model, adapter), tokenizer
+    return _load(name_or_path, dtype)
+
+
+def _load(name_or_path, dtype: str):
     from simulref.blas import register_drain_at_exit
     from simulref.gguf import load_gguf
 

@@ -1,0 +1,180 @@
+"""``simulref train``: the command-line face of :func:`simulref.finetune.train`.
+
+Its own module so that cli.py registers it with one line. Every option is checked, and
+the data read, before the model loads: a bad option costs no model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from simulref.finetune import CHECKPOINT_FILE, MODES
+
+TRAIN_SETS = ("postgres-en-fr", "postgres-en-de")  # simulref/data/train/<name>.{train,valid}.tsv
+
+
+def train_file(name: str, part: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("simulref") / "data" / "train" / f"{name}.{part}.tsv"))
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from simulref.cli import DTYPES, positive_int, target_start
+
+    p = subparsers.add_parser(
+        "train", help="LoRA fine-tuning with the decoder's wait-k masks (or plain batch SFT)",
+        description="Fine-tune a model with LoRA on source<TAB>reference pairs and write an "
+                    "mlx-lm adapter directory (adapters.safetensors, adapter_config.json) to "
+                    "--out. --mode streaming trains each target word on the source words "
+                    "wait-k would have read (the decoder's own masks and group positions); "
+                    "--mode batch shows every query the whole source. Resumable (--resume).")
+    p.add_argument("--model", metavar="PRESET|PATH", default=None,
+                   help="base model (default: the default preset; see `simulref models`)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights dtype (default: float32 on CPU, quantized on a GPU)")
+    p.add_argument("--data", default="postgres-en-fr", metavar="NAME|FILE.tsv",
+                   help=f"training pairs: {' or '.join(TRAIN_SETS)} (bundled, "
+                        "simulref/data/train) or a TSV file (default: %(default)s)")
+    p.add_argument("--valid-data", default=None, metavar="FILE.tsv",
+                   help="validation pairs (default: the bundled set's valid file; none for "
+                        "a FILE)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="only the first N training pairs")
+    p.add_argument("--mode", choices=MODES, default="streaming",
+                   help="streaming: wait-k masks; batch: whole source (default: %(default)s)")
+    p.add_argument("-k", "--k", dest="k", type=positive_int, nargs="+", default=[3],
+                   metavar="K", help="wait-k lag(s) of streaming mode; with several, each "
+                                     "pair draws one (default: 3)")
+    p.add_argument("--target-start", type=target_start, default="auto", metavar="auto|INT",
+                   help="first position of the target group (default: auto)")
+    p.add_argument("--system", default=None,
+                   help="the instruction (default: translate to the data's target language)")
+    p.add_argument("--iters", type=positive_int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
+    p.add_argument("--lr", type=_positive_number, default=1e-4, help="Adam learning rate")
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+    p.add_argument("--lora-scale", type=_positive_number, default=10.0,
+                   help="LoRA scale (mlx-lm's 'scale')")
+    p.add_argument("--lora-layers", type=positive_int, default=16, metavar="N",
+                   help="LoRA on the last N transformer blocks (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="data order and k draws")
+    p.add_argument("--steps-per-save", type=positive_int, default=25, metavar="N",
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--max-minutes", type=_positive_number, default=None, metavar="M",
+                   help="stop (and save) after the step that passes M minutes")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --out")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
+    p.set_defaults(run=run_train)
+    return p
+
+
+def _read(path: Path, option: str):
+    from simulref import evaluate
+    from simulref.cli import UsageError
+
+    try:
+        return [(p.source, p.reference) for p in evaluate.read_pairs(path)]
+    except evaluate.DataError as error:
+        raise UsageError(f"{option}: {error}") from None
+
+
+def run_train(args) -> int:
+    from simulref import evaluate, finetune
+    from simulref.cli import UsageError, load_model, model_name
+
+    bundled = args.data in TRAIN_SETS
+    path = train_file(args.data, "train") if bundled else Path(args.data)
+    if not bundled and not path.is_file():
+        raise UsageError(f"--data: expected {' or '.join(TRAIN_SETS)} or a TSV file, "
+                         f"got {args.data!r} (no such file)")
+    pairs = _read(path, "--data")
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    if len(pairs) < args.batch_size:
+        raise UsageError(f"--batch-size: expected at most the {len(pairs)} training pairs, "
+                         f"got {args.batch_size}")
+    valid_path = (Path(args.valid_data) if args.valid_data
+                  else train_file(args.data, "valid") if bundled else None)
+    valid = _read(valid_path, "--valid-data") if valid_path else []
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    if (out / finetune.CHECKPOINT_FILE).is_file() and not args.resume:
+        raise UsageError(f"--out: {out} already holds a checkpoint; add --resume to "
+                         f"continue it or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out: cannot create {out} ({error.strerror or error})") from None
+    system = args.system or evaluate.default_system(None, path)
+    name = model_name(args.model)
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    lora = finetune.LoraConfig(rank=args.rank, scale=args.lora_scale,
+                               num_layers=args.lora_layers)
+    try:
+        summary = _train_with_progress(args, model, tokenizer, pairs, valid, lora, system,
+                                       name, str(args.data))
+    except ValueError as error:  # a checkpoint from other settings, an untokenizable pair
+        raise UsageError(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"simulref train: interrupted; the last checkpoint is in {out} "
+              f"(rerun with --resume)", file=sys.stderr)
+        return 130
+    before, after = summary["valid_before"], summary["valid_after"]
+    valid_text = ("" if before is None else
+                  f"; valid loss {before:.3f} -> {after:.3f}")
+    print(f"simulref train: {summary['steps']} steps in {summary['seconds']:.0f} s"
+          f"{valid_text}; adapter: {out} (use --model {name} --adapter {out})")
+    return 0
+
+
+def _train_with_progress(args, model, tokenizer, pairs, valid, lora, system, name, data):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from simulref import finetune
+
+    console = Console(stderr=True)
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=args.iters, loss="-", speed="-")
+
+        def on_step(p: finetune.Progress) -> None:
+            bar.update(task, completed=p.step, loss=f"{p.loss:.3f}",
+                       speed=f"{p.tokens_per_s:.0f}")
+            if not console.is_terminal:  # a log file gets one line per step
+                console.print(f"step {p.step}/{p.iters} loss {p.loss:.3f} "
+                              f"{p.tokens_per_s:.0f} tok/s {p.elapsed_s:.0f} s")
+
+        return finetune.train(
+            model, tokenizer, pairs, args.out, mode=args.mode, k=args.k,
+            target_start=args.target_start, iters=args.iters, batch_size=args.batch_size,
+            lr=args.lr, lora=lora, system=system, valid_pairs=valid, seed=args.seed,
+            steps_per_save=args.steps_per_save, max_minutes=args.max_minutes,
+            resume=args.resume, model_name=name, data_name=data, on_step=on_step)
+
+
+__all__ = ["CHECKPOINT_FILE", "add_train_parser", "run_train"]
