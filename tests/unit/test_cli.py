@@ -23,7 +23,7 @@ from rich.console import Console
 from simulref import cli, decoder, models
 from simulref.cli import main, paced, words_from_chunks, words_from_stream
 from simulref.policy import WaitK, schedule
-from simulref.trace import Finish, read_traces, render_compact
+from simulref.trace import Read, Write, read_traces, render_compact
 from simulref.views import live_view, side_by_side_view
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +43,11 @@ def gguf(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def loaded(gguf):
     return models.load(gguf)
+
+
+def LIVE():  # noqa: N802 - reads as a constant in the tests
+    """SENTENCE as a live source (an iterator): words read as they come."""
+    return iter(SENTENCE.split())
 
 
 def reference(loaded, source=SENTENCE, **kwargs):
@@ -90,7 +95,9 @@ def test_translate_trace_and_json(gguf, loaded, capsys):
 def test_translate_reads_stdin(gguf, loaded, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("The weather\nis nice\n  today"))
     assert main(["translate", "-", "--model", gguf, *FAST]) == 0
-    assert capsys.readouterr().out == " ".join(reference(loaded).target_words) + "\n"
+    # A stream: each word read as it comes, the end of the turn alone at the end.
+    live = reference(loaded, source=LIVE())
+    assert capsys.readouterr().out == " ".join(live.target_words) + "\n"
 
 
 def test_translate_layout_and_system_reach_the_decoder(gguf, loaded, capsys):
@@ -110,7 +117,7 @@ def test_translate_layout_and_system_reach_the_decoder(gguf, loaded, capsys):
 def test_watch_prints_the_final_view(gguf, loaded, capsys, view):
     mode = {live_view: "live", side_by_side_view: "side-by-side"}[view]
     assert main(["watch", SENTENCE, "--model", gguf, "--mode", mode, *FAST]) == 0
-    expected = reference(loaded)
+    expected = reference(loaded, source=LIVE())  # watch replays TEXT as a live source
     assert capsys.readouterr().out == render(view(expected.events, SENTENCE.split()))
 
 
@@ -120,14 +127,14 @@ def test_watch_trace_mode_and_save(gguf, loaded, capsys, tmp_path):
                  "--save", str(saved), *FAST]) == 0
     out = capsys.readouterr().out
     (trace,) = read_traces(saved)
-    assert trace.without_times().events == reference(loaded).events
+    assert trace.without_times().events == reference(loaded, source=LIVE()).events
     rows = [line.split() for line in out.splitlines()]
     events = [row[1] for row in rows if len(row) > 2 and row[1] in ("read", "write")]
     assert events == [type(e).__name__.lower() for e in trace.events
                       if type(e).__name__ in ("Read", "Write")]
     # The times shown are the saved ones (both count from the start of the stream).
     shown = [float(row[0]) for row in rows if len(row) > 2 and row[1] in ("read", "write")]
-    assert shown == [round(e.t, 3) for e in trace.events if not isinstance(e, Finish)]
+    assert shown == [round(e.t, 3) for e in trace.events if isinstance(e, (Read, Write))]
 
 
 def test_watch_ctrl_c_on_stdin_renders_cancelled_and_exits_130(gguf, capsys, monkeypatch):
@@ -360,7 +367,7 @@ def test_watch_stdin_pipe_with_pauses_keeps_wait_k(gguf, loaded, tmp_path):
     (trace,) = read_traces(saved)
     assert trace.source_words == tuple(SENTENCE.split())
     assert trace.delays == schedule(WaitK(2), 5, len(trace.target_words))
-    assert trace.without_times().events == reference(loaded, k=2).events
+    assert trace.without_times().events == reference(loaded, k=2, source=LIVE()).events
     assert out.decode() == render(side_by_side_view(trace.events, SENTENCE.split()))
 
 

@@ -19,7 +19,7 @@ TSV = ("The weather is nice today\tIl fait beau aujourd'hui\n"
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory) -> str:
-    from simulref.testing import write_tiny_gguf
+    from tiny_gguf import write_tiny_gguf
 
     return str(write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", seed=1))
 
