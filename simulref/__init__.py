@@ -1,6 +1,6 @@
 """simulref: reference implementation of LLM simultaneous translation on MLX.
 
-The public API, re-exported. Names that need MLX (``load``, ``stream``, ``translate``, ``train``)
+The public API, re-exported. Names that need MLX (``load``, ``stream``, ``translate``, ``translate_batch``, ``train``)
 are imported on first use, so ``import simulref`` (and ``simulref.verify``,
 ``simulref.metrics``, ``simulref.prompt``, ``simulref.trace``, ``simulref.config``) work
 without MLX.
@@ -16,6 +16,8 @@ _EXPORTS = {
     "DEFAULT_PRESET": "simulref.models",
     "stream": "simulref.decoder",
     "translate": "simulref.decoder",
+    "translate_batch": "simulref.batch",
+    "stream_batch": "simulref.batch",
     "train": "simulref.finetune",
     "LoraConfig": "simulref.finetune",
     "ADAPTER_PRESETS": "simulref.adapters",

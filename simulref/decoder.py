@@ -156,6 +156,16 @@ class _NeedInput:
 
 # Yielded by stream() over a Feed when the policy wants a word that has not been pushed.
 NEED_INPUT = _NeedInput()
+# What a batched row's engine (simulref.batch) returns from peek() until the batch has
+# run the forward that gives its token; the loop yields it up to the batch and asks
+# again. The engines of one-at-a-time decoding never return it, so stream() never
+# yields it.
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
 # What a live source gives once it is over, after its last word was read without the
 # end-of-turn suffix: the suffix is read alone (a SourceEnd event).
 _END = object()
@@ -427,6 +437,9 @@ class _Run:
                 return
             while True:
                 token = self.engine.peek(not self.source_done)
+                while token is PENDING:  # a batched row: the batch runs its forward first
+                    yield PENDING
+                    token = self.engine.peek(not self.source_done)
                 if token in self.eos:
                     if self.source_done or self.stop_at_first_eos:
                         if content:
@@ -507,17 +520,25 @@ def engine_name(config: DecodeConfig, model, known_source: bool) -> str:
     return name
 
 
-def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None) -> _Run:
+def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None, *,
+              make_engine=None, template=None) -> _Run:
+    """The loop over ``source``; ``make_engine(template, words, word_ids, context)``
+    (simulref.batch) replaces the engine choice, ``template`` the template lookup."""
     if on_forward is not None and not callable(on_forward):
         raise TypeError(f"on_forward: expected a callable or None, got {on_forward!r}")
-    template = template_for(tokenizer, system=config.system, chat_format=config.chat_format)
+    if template is None:
+        template = template_for(tokenizer, system=config.system,
+                                chat_format=config.chat_format)
     words = _Source(source)
     # A known source is checked (and tokenized) up front, so that a bad word raises here
     # rather than halfway through the stream.
     word_ids = ({} if words.length is None else
                 {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
     context = context_length(model)
-    engine = _make_engine(config, model, template, words, word_ids, on_forward, context)
+    if make_engine is None:
+        engine = _make_engine(config, model, template, words, word_ids, on_forward, context)
+    else:
+        engine = make_engine(template, words, word_ids, context)
     return _Run(engine, template, words, word_ids, config.the_policy(), token_table(tokenizer),
                 frozenset(tokenizer.eos_token_ids), config.max_tokens_per_word,
                 config.max_new_words, config.stop_at_first_eos, context)
