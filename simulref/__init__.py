@@ -1,9 +1,9 @@
 """simulref: reference implementation of LLM simultaneous translation on MLX.
 
-The public API, re-exported. Names that need MLX (``load``, ``stream``, ``translate``, ``translate_batch``, ``train``)
-are imported on first use, so ``import simulref`` (and ``simulref.verify``,
-``simulref.metrics``, ``simulref.prompt``, ``simulref.trace``, ``simulref.config``) work
-without MLX.
+The public API, re-exported. Names that need MLX (``load``, ``stream``, ``translate``,
+``translate_batch``, ``train``) are imported on first use, so ``import simulref`` (and
+``simulref.verify``, ``simulref.metrics``, ``simulref.prompt``, ``simulref.trace``,
+``simulref.config``) work without MLX.
 """
 
 from importlib import import_module

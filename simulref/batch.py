@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batch_cache import EMPTY, SOURCE, TARGET, BatchBuffer
+from .batch_cache import SOURCE, TARGET, BatchBuffer
 from .config import DecodeConfig
 from .decoder import PENDING, Feed, _make_run, _model_name, source_words
 from .engine import is_greedy, last_position_head

@@ -81,10 +81,10 @@ def test_rows_with_different_configs_share_a_batch():
                DecodeConfig(policy=ReadAll()), DecodeConfig(policy=Scripted([1, 1, 4])),
                DecodeConfig(k=2, layout="reencode")]  # not batchable: decoded alone
     sources = [" ".join(SENTENCE[: 3 + i]) for i in range(len(configs))]
-    items = [Item(("run", i), s, c) for i, (s, c) in enumerate(zip(sources, configs))]
+    items = [Item(("run", i), s, c) for i, (s, c) in enumerate(zip(sources, configs, strict=False))]
     done = {f.key: f for f in decode_items(model, tok(), items * 2, batch_size=3)
             if isinstance(f, batching.Finished)}
-    for i, (source, config) in enumerate(zip(sources, configs)):
+    for i, (source, config) in enumerate(zip(sources, configs, strict=False)):
         expected = untimed(translate(model, tok(), source, config))
         assert untimed(done[("run", i)].trace) == expected, config
 
