@@ -50,12 +50,13 @@ ENGINE_NAME = "batched"
 class BatchForward:
     """One model call of a batch, for the ``on_forward`` hook (tests, benchmarks):
     ``kind`` "join" or "step", ``rows`` in the call, ``tokens`` per row, ``busy`` rows
-    with real work (the others are padding)."""
+    with real work (the others are padding), ``cache_bytes`` the batch buffer's size."""
 
     kind: str
     rows: int
     tokens: int
     busy: int
+    cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,8 @@ class _Batch:
 
     def _report(self, kind: str, rows: int, tokens: int, busy: int) -> None:
         if self.on_forward is not None:
-            self.on_forward(BatchForward(kind, rows, tokens, busy))
+            size = 0 if self.buffer is None else self.buffer.nbytes
+            self.on_forward(BatchForward(kind, rows, tokens, busy, size))
 
     def _join(self, slots: list[_Slot]) -> BatchBuffer:
         """Prefill the sentences of ``slots`` (each waiting for its first token) in a

@@ -62,6 +62,20 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def batch_size(text: str) -> int | str:
+    """'auto' or an int >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def memory_size(text: str) -> int:
+    from simulref.batch_memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def target_start(text: str) -> int | str:
     """'auto' or a position >= 0 and below :data:`simulref.limits.MAX_POSITION` (a bound
     that needs no model; the model's own context length is checked once it is loaded)."""
@@ -549,6 +563,13 @@ def add_eval(subparsers) -> None:
     p.add_argument("--word-duration", type=positive_float, default=0.4, metavar="SECONDS",
                    help="source pace assumed by the computation-aware latency "
                         "(default: 0.4 s per word)")
+    p.add_argument("--batch-size", type=batch_size, default="auto", metavar="N",
+                   help="sentences decoded together, every run's in one continuous batch "
+                        "(default: auto, from the device and memory, printed at start; "
+                        "1: one at a time)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="cap on the batch's KV cache, e.g. 2GiB (default: a quarter of "
+                        "the device's or the free memory)")
     p.set_defaults(run=run_eval)
 
 
@@ -606,16 +627,23 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     for pair in pairs:
         check_context(model, tokenizer, pair.source.split(), system_args,
                       what=f"{settings['data']}:{pair.line}")
+    size = _batch_size(args, model, tokenizer, pairs, settings["system"])
+    peak = [0]
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
-        settings=settings, config=base, word_duration=args.word_duration,
+        settings=settings, config=base, word_duration=args.word_duration, batch_size=size,
+        on_batch=lambda f: peak.__setitem__(0, max(peak[0], f.cache_bytes)),
     )
+    start = time.monotonic()
     try:
         summaries = _run_with_progress(job)
     except KeyboardInterrupt:
         print(f"simulref eval: interrupted; rerun with --out {out} to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    print(f"simulref eval: decoded in {time.monotonic() - start:.0f} s"
+          + (f", peak batch KV cache {peak[0] / 2**20:.0f} MiB" if size > 1 else "")
+          + _peak_memory(), file=sys.stderr)
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
     console = stdout_console()
     console.print(evaluate.results_table(summaries))
@@ -623,6 +651,26 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     for plot in plots:
         console.print(f"plot: {plot}")
     return 0
+
+
+def _batch_size(args, model, tokenizer, pairs, system: str) -> int:
+    """--batch-size (auto: from the device), capped by --max-memory; printed."""
+    from simulref import limits
+    from simulref.batch_memory import choose_batch_size
+
+    longest = max(limits.need_of(tokenizer, p.source.split(), system=system).prompt
+                  for p in pairs)
+    wanted = None if args.batch_size == "auto" else args.batch_size
+    size, line = choose_batch_size(model, longest, wanted=wanted, max_memory=args.max_memory)
+    print(f"simulref eval: {line}", file=sys.stderr)
+    return size
+
+
+def _peak_memory() -> str:
+    import mlx.core as mx
+
+    peak = getattr(mx, "get_peak_memory", None)
+    return f", peak MLX memory {peak() / 2**20:.0f} MiB" if peak else ""
 
 
 class PlainProgress:
@@ -639,7 +687,7 @@ class PlainProgress:
 
     def __call__(self, spec, done: int, total: int) -> None:
         now = self.clock()
-        label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+        label = _run_label(spec)
         if spec != self.spec:  # a new run; its first call gives the sentences resumed
             self.spec, self.start, self.last, self.first = spec, now, now, done
             self.write(f"simulref eval: {label}: {done}/{total} sentences")
@@ -654,19 +702,31 @@ class PlainProgress:
                    f"{rate:.2f} sentences/s, eta {eta}")
 
 
+def _run_label(spec) -> str:
+    if spec is None:  # a batch over every run
+        return "all runs"
+    return "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+
+
 def _run_with_progress(job) -> list[dict]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed or 0:.2f} sentences/s")
 
     columns = (TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+               Rate(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     tasks: dict = {}
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -674,8 +734,7 @@ def _run_with_progress(job) -> list[dict]:
     with Progress(*columns, console=console) as progress:
         def on_progress(spec, done: int, total: int) -> None:
             if spec not in tasks:
-                label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
-                tasks[spec] = progress.add_task(label, total=total, completed=done)
+                tasks[spec] = progress.add_task(_run_label(spec), total=total, completed=done)
             progress.update(tasks[spec], completed=done)
 
         return job.run(on_progress)

@@ -334,7 +334,9 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
             latency_hyp.setdefault(key, []).append(value)
 
     tokens = sum(by_index[i]["generated_tokens"] for i in indices)
-    seconds = sum(by_index[i]["seconds"] for i in indices)
+    # A batched sentence's own span overlaps the others': its share of the batch's
+    # forwards is what adds up to the time spent (one at a time, the two are the same).
+    seconds = sum(by_index[i].get("compute_seconds", by_index[i]["seconds"]) for i in indices)
     return {
         "run": spec.name,
         "layout": spec.layout,
@@ -380,6 +382,8 @@ class Evaluation:
     settings: dict
     config: DecodeConfig | None = None
     word_duration: float = 0.4
+    batch_size: int = 1
+    on_batch: Callable | None = None  # simulref.batch's on_forward hook (benchmarks)
 
     def run_config(self, spec: RunSpec) -> DecodeConfig:
         """The decode options of one run."""
@@ -396,6 +400,10 @@ class Evaluation:
 
         trace = decoder.translate(self.model, self.tokenizer, source, self.run_config(spec),
                                   model_id=self.settings.get("model"))
+        return self.recorded(trace)
+
+    def recorded(self, trace):
+        """``trace`` as the results record it (with the LoRA adapter, if any)."""
         adapter = self.settings.get("adapter")
         if adapter is None:
             return trace
@@ -410,11 +418,18 @@ class Evaluation:
 
     def run_sentence(self, spec: RunSpec, index: int) -> dict:
         start = time.monotonic()
-        trace = rebase_times(self.translate(spec, self.pairs[index].source), start)
+        trace = self.translate(spec, self.pairs[index].source)
         seconds = time.monotonic() - start
+        return self.store(spec, index, trace, start, seconds, seconds)
+
+    def store(self, spec: RunSpec, index: int, trace, start: float, seconds: float,
+              compute_seconds: float) -> dict:
+        """Append a finished sentence's record to its run's progress file."""
+        trace = rebase_times(trace, start)
         record = {
             "index": index,
             "seconds": seconds,
+            "compute_seconds": compute_seconds,
             "generated_tokens": generated_tokens(trace),
             "trace": trace.to_jsonl(),
         }
@@ -433,8 +448,12 @@ class Evaluation:
 
     def run(self, on_progress: Callable[[RunSpec, int, int], None] | None = None) -> list[dict]:
         """Decode every pending sentence of every run; ``on_progress(spec, done, total)``
-        is called before the first and after each sentence."""
+        is called before the first and after each sentence (with ``batch_size`` > 1,
+        ``spec`` is None: every run's sentences share the batch, so progress is one
+        count over all of them)."""
         check_out_dir(self.out, self.settings)
+        if self.batch_size > 1:
+            return self._run_batched(on_progress)
         summaries = []
         for spec in self.specs:
             todo = self.pending(spec)
@@ -447,6 +466,37 @@ class Evaluation:
                 done += 1
                 if on_progress:
                     on_progress(spec, done, total)
+            summaries.append(self.finish_run(spec))
+            write_results(self.out, self.settings, summaries)
+        return summaries
+
+
+    def _run_batched(self, on_progress) -> list[dict]:
+        """Every pending (run, sentence) item in one continuous batch (simulref.batch):
+        each record is appended when its sentence ends, so a killed run loses only the
+        sentences in flight; the runs' files are written once all are done."""
+        from simulref.batch import Finished, Item, decode_items
+
+        items = [Item((n, index), self.pairs[index].source, self.run_config(spec))
+                 for n, spec in enumerate(self.specs) for index in self.pending(spec)]
+        total = len(self.specs) * len(self.pairs)
+        done = total - len(items)
+        if on_progress:
+            on_progress(None, done, total)
+        for result in decode_items(self.model, self.tokenizer, items,
+                                   batch_size=self.batch_size,
+                                   model_id=self.settings.get("model"),
+                                   on_forward=self.on_batch):
+            if not isinstance(result, Finished):
+                continue
+            n, index = result.key
+            self.store(self.specs[n], index, self.recorded(result.trace), result.started,
+                       result.finished - result.started, result.compute_seconds)
+            done += 1
+            if on_progress:
+                on_progress(None, done, total)
+        summaries = []
+        for spec in self.specs:
             summaries.append(self.finish_run(spec))
             write_results(self.out, self.settings, summaries)
         return summaries

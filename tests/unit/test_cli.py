@@ -532,9 +532,50 @@ def test_eval_progress_without_a_terminal(gguf, capsys, tmp_path):
     assert main(["eval", str(data), "--model", gguf, "-k", "1", "--no-offline",
                  "--out", str(tmp_path / "out"), *FAST]) == 0
     err = capsys.readouterr().err.splitlines()  # capsys: stderr is no terminal
-    assert err[0] == "simulref eval: group k=1: 0/2 sentences"
-    assert err[-1].startswith("simulref eval: group k=1: 2/2 sentences, ")
-    assert "sentences/s, eta 0 s" in err[-1]
+    assert err[0].startswith("simulref eval: batch size ")
+    assert err[1] == "simulref eval: group k=1: 0/2 sentences"
+    assert err[-2].startswith("simulref eval: group k=1: 2/2 sentences, ")
+    assert "sentences/s, eta 0 s" in err[-2]
+    assert err[-1].startswith("simulref eval: decoded in ")
+
+
+def test_eval_in_a_batch_scores_what_one_at_a_time_scores(gguf, capsys, tmp_path):
+    """--batch-size 3: every run's sentences in one batch; the same traces, hence the
+    same scores, as --batch-size 1 (only the timings differ)."""
+    import json
+
+    data = tmp_path / "dev.tsv"
+    data.write_text(TSV)
+    results = {}
+    for size in ("1", "3"):
+        out = tmp_path / f"out{size}"
+        assert main(["eval", str(data), "--model", gguf, "-k", "1", "2", "--layout", "group",
+                     "interleaved", "--batch-size", size, "--out", str(out), *FAST]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith(f"simulref eval: batch size {size} (asked")
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        for run in runs:  # timings, and the computation-aware latency built on them
+            del run["seconds"], run["tokens_per_s"]
+            run["latency_reference_length"] = {
+                k: v for k, v in run["latency_reference_length"].items()
+                if not k.endswith("_CA")}
+        results[size] = runs
+        traces = (out / "traces-interleaved-k2.jsonl").read_text()
+    assert "all runs: 0/10 sentences" in err[1] and "all runs: 10/10" in err[-2]
+    assert "peak batch KV cache" in err[-1]
+    assert results["1"] == results["3"] and len(results["1"]) == 5
+    assert '"engine": "batched"' in traces
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "two"),
+                                           ("--max-memory", "lots"), ("--max-memory", "0")])
+def test_eval_refuses_a_bad_batch_option(gguf, capsys, tmp_path, option, value):
+    data = tmp_path / "dev.tsv"
+    data.write_text(TSV)
+    assert main(["eval", str(data), "--model", gguf, option, value,
+                 "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_plain_progress_prints_every_interval_and_at_the_end():
