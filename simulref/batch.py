@@ -444,31 +444,27 @@ class _Batch:
             return
         self.buffer = BatchBuffer(self.n_layers, B)
         slots: list[_Slot | None] = [None] * B
+        # Sentences prefilled together, waiting for a free row: (buffer, its row, slot).
+        # A row frees one at a time; prefilling a quarter of the batch at once costs
+        # far less than as many one-row prefills.
+        ready: deque = deque()
+        group = max(1, B // 4)
         while True:
-            joining: list[int] = []
-            for b in range(len(slots)):
-                while slots[b] is None and pending:
-                    item = pending.popleft()
-                    if not batchable(item.config) or not self._fits(item):
-                        yield (yield from self._alone(item))
-                        continue
-                    slot = self._new_slot(item)
-                    ended = yield from self._advance(slot)
-                    if ended:
-                        yield self._finish(slot)
-                        continue
-                    slots[b] = slot
-                    joining.append(b)
+            free = [b for b in range(len(slots)) if slots[b] is None]
+            for b in free:
+                if not ready and pending:
+                    yield from self._prefill(pending, max(group, len(free)), ready)
+                if not ready:
+                    break
+                buffer, row, slot = ready.popleft()
+                self.buffer.splice(buffer, [(row, b)])
+                slots[b] = slot
             if not any(slots):
                 return
-            if not pending and None in slots:  # no sentence left to refill: shrink
+            if not pending and not ready and None in slots:  # none left to refill: shrink
                 keep = [b for b, s in enumerate(slots) if s is not None]
                 self.buffer.keep_rows(keep)
-                joining = [keep.index(b) for b in joining]
                 slots = [slots[b] for b in keep]
-            if joining:
-                joined = self._join([slots[b] for b in joining])
-                self.buffer.splice(joined, list(enumerate(joining)))
             resolved = self._step(slots)
             self.peak_bytes = max(self.peak_bytes, self.buffer.nbytes)
             for b in resolved:
@@ -479,6 +475,26 @@ class _Batch:
                     slots[b] = None
                     self.buffer.clear(b)
             self.buffer.compact()
+
+    def _prefill(self, pending: deque, n: int, ready: deque):
+        """Start the loops of up to ``n`` pending items; those that wait for their first
+        token are prefilled together and queued in ``ready``. Items the rows do not take,
+        or that end before any token, are done here (their events and Finished yielded)."""
+        started: list[_Slot] = []
+        while pending and len(started) < n:
+            item = pending.popleft()
+            if not batchable(item.config) or not self._fits(item):
+                yield (yield from self._alone(item))
+                continue
+            slot = self._new_slot(item)
+            ended = yield from self._advance(slot)
+            if ended:
+                yield self._finish(slot)
+                continue
+            started.append(slot)
+        if started:
+            buffer = self._join(started)
+            ready.extend((buffer, j, slot) for j, slot in enumerate(started))
 
 
 def _length(source) -> int:
