@@ -673,6 +673,9 @@ def _peak_memory() -> str:
     return f", peak MLX memory {peak() / 2**20:.0f} MiB" if peak else ""
 
 
+_NO_RUN_YET = object()
+
+
 class PlainProgress:
     """Progress for a log or a pipe (rich draws nothing without a terminal): one line on
     ``write`` at the start of each run, then at most one every ``interval`` seconds of
@@ -681,7 +684,7 @@ class PlainProgress:
     def __init__(self, write: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
                  interval: float = 5.0):
         self.write, self.clock, self.interval = write, clock, interval
-        self.spec = None
+        self.spec = _NO_RUN_YET  # (a batch over every run reports spec None)
         self.start = self.last = 0.0
         self.first = 0
 

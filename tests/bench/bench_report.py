@@ -169,18 +169,20 @@ def _batch(results: list[dict]) -> list[str]:
     if not results:
         return []
     first = results[0]["metrics"]["settings"]
-    out = ["", f"## Evaluation throughput by batch size (wait-k k = {first['k']}, "
+    ks = ", ".join(map(str, first["k"]))
+    out = ["", f"## Evaluation throughput by batch size (wait-k k = {ks}, "
                f"{first['layout']} layout, {first['sentences']} sentences)", "",
-           "One `simulref eval` run, decoded one at a time (batch size 1: today's path, "
-           "`translate` per sentence) and batched (`--batch-size B`), in the same session. "
-           "Throughput: target tokens / wall time of the whole run. Agree: batched traces "
-           "equal to the one-at-a-time ones.", ""]
+           f"One `simulref eval` ({first['items']} (run, sentence) items), decoded one at a "
+           "time (batch size 1: today's path, `translate` per sentence) and batched "
+           "(`--batch-size B`: every run's sentences in one continuous batch), in the same "
+           "session. Throughput: target tokens / wall time of the whole eval. Agree: batched "
+           "traces equal to the one-at-a-time ones.", ""]
     rows = []
     for r in results:
         for run in r["metrics"]["runs"]:
             rows.append([r["model"], run["batch_size"], fmt(run["seconds"], 1),
                          run["tokens"], fmt(run["tokens_per_s"], 1), fmt(run["ratio"]),
-                         f"{run['agree']}/{r['metrics']['settings']['sentences']}",
+                         f"{run['agree']}/{r['metrics']['settings']['items']}",
                          fmt(run["busy_rows_per_step"], 1), run["steps"],
                          fmt(run["peak_cache_mib"], 0)])
     out += table(["model", "B", "seconds", "tokens", "tok/s", "x B=1", "agree",

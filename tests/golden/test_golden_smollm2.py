@@ -36,3 +36,30 @@ def test_smollm2_trace(case, smollm2, snapshot_json):
     model, tokenizer = smollm2
     gap = check_real(model, tokenizer, case, "smollm2-135m", snapshot_json)
     print(f"min_logit_gap smollm2-135m {case} {gap}")  # shown with -s or -rP
+
+
+@pytest.mark.slow
+def test_smollm2_goldens_in_one_batch(smollm2):
+    """Every case above in one batch of 8 rows (their k and layouts mixed, refills,
+    rows that finish early): each trace equals its case's snapshot file (the trace the
+    incremental twin makes, checked above, with its near-tie guard)."""
+    import json
+    from pathlib import Path
+
+    from goldens import MAX_NEW_WORDS, MAX_TOKENS_PER_WORD, records
+
+    from simulref.batch import Finished, Item, decode_items
+    from simulref.config import DecodeConfig
+
+    model, tokenizer = smollm2
+    stored = Path(__file__).parent / "__snapshots__" / "test_golden_smollm2"
+    items = [Item(str(case), SENTENCES[case.sentence],
+                  DecodeConfig(k=case.k, layout=case.layout, max_new_words=MAX_NEW_WORDS,
+                               max_tokens_per_word=MAX_TOKENS_PER_WORD)) for case in cases()]
+    done = {f.key: f.trace for f in decode_items(model, tokenizer, items, batch_size=8,
+                                                 model_id="smollm2-135m")
+            if isinstance(f, Finished)}
+    for case in cases():
+        expected = json.loads((stored / f"test_smollm2_trace[{case}].json").read_text())
+        assert done[str(case)].settings.option("engine") == "batched"
+        assert records(done[str(case)]) == expected, f"{case}: batched != snapshot"

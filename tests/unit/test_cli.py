@@ -595,6 +595,16 @@ def test_plain_progress_prints_every_interval_and_at_the_end():
     ]
 
 
+def test_plain_progress_of_a_batch_over_every_run():
+    lines, now = [], [100.0]
+    progress = cli.PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
+    progress(None, 0, 20)
+    now[0] = 110.0
+    progress(None, 5, 20)
+    assert lines == ["simulref eval: all runs: 0/20 sentences",
+                     "simulref eval: all runs: 5/20 sentences, 0.50 sentences/s, eta 30 s"]
+
+
 def test_trace_of_an_empty_file_is_a_user_error(capsys, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["trace", str(tmp_path / "empty.jsonl")]) == 2

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from traces import untimed
 import sacrebleu
 from hypothesis import given
 from hypothesis import strategies as st
@@ -217,14 +218,15 @@ def tiny():
     return tiny_model("llama", seed=1), tiny_tokenizer()
 
 
-def _evaluation(tiny, out, specs=None):
+def _evaluation(tiny, out, specs=None, batch_size=1):
     model, tokenizer = tiny
     settings = {"model": "tiny", "system": default_system(None), "target_start": "auto",
                 "max_tokens_per_word": 3, "stop_at_first_eos": False,
                 "data_sha256": evaluate.sha256_of(PAIRS)}
     return Evaluation(model=model, tokenizer=tokenizer, pairs=PAIRS,
                       specs=specs or run_specs(["group"], [1, 2]), out=out,
-                      settings=settings, config=DecodeConfig(max_tokens_per_word=3))
+                      settings=settings, config=DecodeConfig(max_tokens_per_word=3),
+                      batch_size=batch_size)
 
 
 def _untimed(path):
@@ -276,6 +278,38 @@ def test_an_interrupted_run_resumes_to_the_same_traces(tiny, tmp_path):
     _evaluation(tiny, tmp_path / "cut", specs).run()
     assert len(load_records(progress)) == 2
     assert _untimed(tmp_path / "cut" / specs[0].traces_file) == whole
+
+
+def test_a_batched_eval_is_killed_and_resumed_to_the_one_at_a_time_results(tiny, tmp_path):
+    """Every run's sentences in one batch: the same traces files as one at a time; killed
+    after two sentences (the records of the finished ones are on disk, nothing else), a
+    rerun decodes only the rest."""
+    specs = run_specs(["group", "interleaved"], [1, 2])
+    _evaluation(tiny, tmp_path / "one", specs).run()
+    seen = []
+
+    def kill_after_two(spec, done, total):
+        seen.append((spec, done, total))
+        if done == 2:
+            raise KeyboardInterrupt
+
+    job = _evaluation(tiny, tmp_path / "batch", specs, batch_size=3)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(kill_after_two)
+    assert seen == [(None, 0, 10), (None, 1, 10), (None, 2, 10)]
+    stored = sum(len(load_records(tmp_path / "batch" / s.progress_file)) for s in specs)
+    assert stored == 2 and not (tmp_path / "batch" / "results.json").exists()
+    seen.clear()
+    _evaluation(tiny, tmp_path / "batch", specs, batch_size=3).run(
+        lambda *a: seen.append(a))
+    assert seen[0] == (None, 2, 10) and seen[-1] == (None, 10, 10) and len(seen) == 9
+    for spec in specs:
+        one = _untimed(tmp_path / "one" / spec.traces_file)
+        batched = _untimed(tmp_path / "batch" / spec.traces_file)
+        assert [t.settings.option("engine") for t in batched] == ["batched"] * len(PAIRS)
+        assert [untimed(t) for t in batched] == [untimed(t) for t in one], spec.name
+    for record in load_records(tmp_path / "batch" / specs[0].progress_file):
+        assert 0 < record["compute_seconds"] <= record["seconds"] + 1e-6
 
 
 def test_generated_tokens_count_written_words_and_blank_runs_only():
