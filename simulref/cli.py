@@ -681,7 +681,7 @@ class PlainProgress:
     def __init__(self, write: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
                  interval: float = 5.0):
         self.write, self.clock, self.interval = write, clock, interval
-        self.spec = None
+        self.spec = object()  # no run yet (None is the batch over every run)
         self.start = self.last = 0.0
         self.first = 0
 
