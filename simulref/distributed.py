@@ -302,17 +302,28 @@ class Plan:
             check_out_dir(self.out, job.settings)  # settings.json, as Evaluation.run
         decode_share(job, on_progress)
         if self.mode == "files":
-            self.ranks.barrier()
+            self.ranks.barrier()  # every rank's records are in its files
+            # What rank 0 cannot see yet (a network filesystem's cached listing?) comes
+            # over mx.distributed instead; every rank learns whether it must send.
+            missing = self._missing(job) if self.ranks.rank == 0 else 0
+            if self.ranks.all_gather_bytes(b"1" if missing else b"")[0]:
+                if missing:
+                    say(f"simulref eval: {missing} records are not in the shared directory "
+                        f"yet; getting them over mx.distributed")
+                self._send_records(say)
         else:
             self._send_records(say)
         if self.ranks.rank != 0:
             say("simulref eval: done; rank 0 writes the results")
             return None
-        missing = sum(len(job.pairs) - len(run_records(self.out, spec)) for spec in self.specs)
+        missing = self._missing(job)
         if missing:
             say(f"simulref eval: {missing} items are missing (a rank lost its files?); "
                 f"rerun the same command to decode them")
         return job.finish()
+
+    def _missing(self, job) -> int:
+        return sum(len(job.pairs) - len(run_records(self.out, spec)) for spec in self.specs)
 
     def _send_records(self, say) -> None:
         """Every rank sends the records rank 0 lacked at the start; rank 0 appends the
@@ -330,16 +341,18 @@ class Plan:
         by_name = {spec.name: spec for spec in self.specs}
         have = {spec.name: {r["index"] for r in run_records(self.out, spec)}
                 for spec in self.specs}
-        added = 0
+        added = received = 0
         for payload in payloads[1:]:
             for line in payload.decode().splitlines():
+                received += 1
                 sent = json.loads(line)
                 spec, record = by_name[sent["run"]], sent["record"]
                 if record["index"] not in have[spec.name]:
                     append_record(self.out / spec.progress_file, record)
                     have[spec.name].add(record["index"])
                     added += 1
-        say(f"simulref eval: received {added} records from the other ranks")
+        say(f"simulref eval: received {received} records from the other ranks ({added} "
+            f"new: the others were in the progress files here already)")
 
 
 def prepare(ranks: Ranks, out: Path, settings: Mapping, compared: Mapping,

@@ -288,7 +288,8 @@ def test_ranks_without_a_shared_directory_gather_over_the_network(tmp_path):
     assert [plan.mode for plan, _ in results] == ["network", "network"]
     assert "records gathered over mx.distributed (the ranks do not share --out)" in lines[0]
     sent = len(results[1][0].share)
-    assert f"simulref eval: received {sent} records from the other ranks" in lines
+    assert (f"simulref eval: received {sent} records from the other ranks ({sent} new: "
+            f"the others were in the progress files here already)") in lines
     # Rank 0 appended rank 1's records to its own progress files: host 0 has everything.
     assert _untimed(_records(outs[0])) == _untimed(single)
     assert _untimed_results(outs[0]) == _untimed_results(tmp_path / "single")
@@ -346,3 +347,26 @@ def test_a_resume_with_other_ranks_decodes_only_what_no_rank_has(tmp_path):
 
 def _record_of(out: Path, spec: RunSpec, index: int) -> dict:
     return next(r for r in run_records(out, spec) if r["index"] == index)
+
+
+def test_records_rank_0_cannot_see_in_a_shared_directory_come_over_the_network(tmp_path):
+    """As if a network filesystem hid rank 1's new files from rank 0 (a cached listing):
+    the ranks took the directory for shared, but rank 0 gets the records anyway."""
+    single = _single(tmp_path / "single")
+    outs = [tmp_path / "host0", tmp_path / "host1"]
+    lines: list = []
+
+    def work(ranks):
+        lock, plan = _prepare(ranks, outs[ranks.rank])
+        plan.mode = "files"  # what the ranks would have concluded
+        with lock:
+            job = FakeEvaluation(model=None, tokenizer=None, pairs=PAIRS, specs=SPECS,
+                                 out=outs[ranks.rank], settings=SETTINGS,
+                                 **plan.job_options())
+            return plan, plan.run(job, say=lines.append)
+
+    results = on_ranks(2, work)
+    sent = len(results[1][0].share)
+    assert (f"simulref eval: {sent} records are not in the shared directory yet; getting "
+            f"them over mx.distributed") in lines
+    assert _untimed(_records(outs[0])) == _untimed(single)
