@@ -39,6 +39,7 @@ from .evaluate import (
     RunSpec,
     append_record,
     check_out_dir,
+    lock_name,
     lock_out_dir,
     run_records,
 )
@@ -218,13 +219,8 @@ def check_same_settings(ranks: Ranks, compared: Mapping) -> None:
     every = [json.loads(p) for p in ranks.all_gather_bytes(payload)]
     differences = settings_differences(every)
     if differences:
-        raise DataError("the ranks were launched with different settings ("
-                        + "; ".join(differences) + "); launch every rank with the same "
-                                                   "command")
-
-
-def _lock_name(rank: int) -> str:
-    return ".lock" if rank == 0 else f".rank{rank}.lock"
+        raise DataError(f"the ranks were launched with different settings "
+                        f"({'; '.join(differences)}); launch every rank with the same command")
 
 
 def who_sees_whom(ranks: Ranks, out: Path, lock_path: Path) -> list[list[bool]]:
@@ -233,7 +229,7 @@ def who_sees_whom(ranks: Ranks, out: Path, lock_path: Path) -> list[list[bool]]:
     token = secrets.token_hex(16)
     _locally(ranks, out, lambda: lock_path.write_text(token, encoding="ascii"))
     tokens = [t.decode() for t in ranks.all_gather_bytes(token.encode())]  # all written
-    mine = bytes(_read(out / _lock_name(s)) == tokens[s] for s in range(ranks.size))
+    mine = bytes(_read(out / lock_name(s)) == tokens[s] for s in range(ranks.size))
     return [[bool(b) for b in row] for row in ranks.all_gather_bytes(mine)]
 
 

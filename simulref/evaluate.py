@@ -337,10 +337,15 @@ class OutDirLock:
         self.release()
 
 
+def lock_name(rank: int) -> str:
+    """The lock file of rank ``rank`` (0: a single process)."""
+    return LOCK_FILE if rank == 0 else f".rank{rank}.lock"
+
+
 def lock_out_dir(out: Path, rank: int = 0) -> OutDirLock:
     """:class:`OutDirLock` on ``out`` for rank ``rank`` (0: a single process); DataError
     when another eval holds it."""
-    return OutDirLock(out, LOCK_FILE if rank == 0 else f".rank{rank}.lock")
+    return OutDirLock(out, lock_name(rank))
 
 
 # --- scores ------------------------------------------------------------------------------
