@@ -570,6 +570,12 @@ def add_eval(subparsers) -> None:
     p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                    help="cap on the batch's KV cache, e.g. 2GiB (default: a quarter of "
                         "the device's or the free memory)")
+    # Over several ranks (under mlx.launch; simulref.distributed, docs/distributed.md).
+    p.add_argument("--gather", choices=("auto", "files", "network"), default="auto",
+                   help="under mlx.launch, how rank 0 gets the other ranks' records: "
+                        "files (a shared --out), network (mx.distributed) or auto (files "
+                        "when every rank sees the others' files; default); a single "
+                        "process ignores it")
     p.set_defaults(run=run_eval)
 
 
@@ -608,6 +614,14 @@ def run_eval(args) -> int:
         "word_duration": args.word_duration,
         **({"adapter": args.adapter} if args.adapter else {}),
     }
+    # --- over several ranks (simulref.distributed; docs/distributed.md) ---------------
+    from simulref import distributed
+
+    ranks = distributed.join()
+    if ranks is not None:
+        return _evaluate_ranks(args, evaluate, distributed, ranks, pairs, out, settings, ks,
+                               layouts, base)
+    # --- one process ----------------------------------------------------------------
     try:
         evaluate.check_out_dir(out, settings, write=False)  # written once the run starts
         lock = evaluate.lock_out_dir(out)
@@ -620,8 +634,35 @@ def run_eval(args) -> int:
         return _evaluate(args, evaluate, pairs, out, settings, ks, layouts, base)
 
 
+# --- over several ranks (simulref.distributed; docs/distributed.md) -------------------
+
+
+def _evaluate_ranks(args, evaluate, distributed, ranks, pairs, out: Path, settings: dict, ks,
+                    layouts, base: DecodeConfig) -> int:
+    """The collective checks (before the model loads), then :func:`_evaluate` with the
+    plan of this rank; a lost rank ends it with exit code 1 (records kept)."""
+    specs = evaluate.run_specs(layouts, ks, offline=not args.no_offline)
+    compared = distributed.compared_settings(settings, specs, dtype=args.dtype,
+                                             engine=args.engine)
+    try:
+        try:
+            lock, plan = distributed.prepare(ranks, out, settings, compared, specs,
+                                             [p.source for p in pairs], args.gather)
+        except evaluate.DataError as error:
+            raise UsageError(f"{ranks.tag}: {error}") from None
+        with lock:
+            return _evaluate(args, evaluate, pairs, out, settings, ks, layouts, base, plan)
+    except distributed.RankLost as error:
+        print(f"simulref eval: {error}; the records so far are kept: rerun the same "
+              f"command to finish", file=sys.stderr)
+        return 1
+
+
+# --- one process (and each rank's own part) ---------------------------------------------
+
+
 def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
-              base: DecodeConfig) -> int:
+              base: DecodeConfig, plan=None) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     system_args = argparse.Namespace(system=settings["system"], target_start=args.target_start)
     for pair in pairs:
@@ -634,10 +675,19 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
         specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
         settings=settings, config=base, word_duration=args.word_duration, batch_size=size,
         on_batch=lambda f: peak.__setitem__(0, max(peak[0], f.cache_bytes)),
+        **(plan.job_options() if plan is not None else {}),
     )
     start = time.monotonic()
     try:
-        summaries = _run_with_progress(job)
+        if plan is None:
+            summaries = _run_with_progress(job)
+        else:  # a rank: plain lines, each naming the rank
+            def say(line: str) -> None:
+                print(plan.tagged(line), file=sys.stderr, flush=True)
+
+            summaries = plan.run(job, PlainProgress(say), say)
+            if summaries is None:  # not rank 0: rank 0 writes the results
+                return 0
     except KeyboardInterrupt:
         print(f"simulref eval: interrupted; rerun with --out {out} to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -4,15 +4,18 @@ DAL, ATD) of wait-k runs for several k and layouts, plus an offline (read-all) r
 Layout of an output directory::
 
     .lock                       held (flock) while an eval runs: a second one is refused
+    .rank{R}.lock               held by rank R > 0 of an eval over several ranks
     settings.json               what the stored sentences were produced with (resume guard)
     progress/{run}.jsonl        one record per finished sentence, appended + fsynced
+    progress/{run}.rank{R}.jsonl  the same, of rank R > 0 (docs/distributed.md)
     traces-{layout}-k{K}.jsonl  the traces of a run in sentence order (rewritten atomically)
     traces-offline.jsonl
     results.json                corpus scores per run (rewritten atomically)
     quality-latency.{png,svg}   BLEU vs AL, one curve per layout
     staircase.{png,svg}         read/write staircase of one sentence
 
-A rerun with the same output directory skips the sentences already in ``progress/``.
+A rerun with the same output directory skips the sentences already in ``progress/``
+(in any of a run's progress files: a rerun may have fewer or more ranks).
 An interrupted append leaves at most a partial last line, which is cut off on resume.
 """
 
@@ -141,6 +144,10 @@ class RunSpec:
     def progress_file(self) -> str:
         return f"progress/{self.name}.jsonl"
 
+    def rank_progress_file(self, rank: int) -> str:
+        """The progress file rank ``rank`` appends to (rank 0: :attr:`progress_file`)."""
+        return self.progress_file if rank == 0 else f"progress/{self.name}.rank{rank}.jsonl"
+
 
 def run_specs(layouts: Sequence[str], ks: Sequence[int], *, offline: bool = True) -> list[RunSpec]:
     """Runs in order: every (layout, k), then the offline run (in the first layout: with
@@ -204,6 +211,33 @@ def load_records(path: str | os.PathLike, *, repair: bool = False) -> list[dict]
     return records
 
 
+def progress_files(out: Path, spec: RunSpec) -> list[Path]:
+    """Every progress file of run ``spec`` in ``out``: rank 0's (the one a single process
+    writes), then those of the other ranks in rank order."""
+    out = Path(out)
+    pattern = re.compile(re.escape(spec.name) + r"\.rank([1-9][0-9]*)\.jsonl")
+    folder = out / "progress"
+    ranks = sorted(int(m.group(1)) for m in (pattern.fullmatch(p.name) for p in (
+        folder.iterdir() if folder.is_dir() else ())) if m)
+    return [out / spec.rank_progress_file(rank) for rank in (0, *ranks)]
+
+
+def run_records(out: Path, spec: RunSpec, *, repair: int | None = None) -> list[dict]:
+    """The records of run ``spec`` from all its progress files, one per sentence (the
+    first found, in :func:`progress_files` order). ``repair``: the rank whose file to
+    repair (:func:`load_records`), the one this process appends to; the others' files
+    are only read (a partial last line there is another rank's append in progress)."""
+    seen: set = set()
+    records = []
+    for path in progress_files(out, spec):
+        own = repair is not None and path == Path(out) / spec.rank_progress_file(repair)
+        for record in load_records(path, repair=own):
+            if record["index"] not in seen:
+                seen.add(record["index"])
+                records.append(record)
+    return records
+
+
 def settings_fingerprint(settings: Mapping) -> dict:
     """The part of the settings that must match for stored sentences to be reused."""
     keys = ("model", "system", "target_start", "max_tokens_per_word", "stop_at_first_eos",
@@ -245,6 +279,7 @@ def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
 
 
 LOCK_FILE = ".lock"
+_LOCK_NAME = re.compile(r"\.lock|\.rank[1-9][0-9]*\.lock")
 
 
 class OutDirLock:
@@ -252,13 +287,15 @@ class OutDirLock:
     killed) while one ``simulref eval`` uses ``out``: a second one on the same directory
     would decode every sentence again and interleave its appends. Creates ``out``; when
     it created it and nothing but the lock is there at release (the run was refused or
-    failed before writing), removes it again, so a refused run leaves nothing behind."""
+    failed before writing), removes it again, so a refused run leaves nothing behind.
+    ``name``: the lock file (rank R > 0 of an eval over several ranks holds
+    ``.rank{R}.lock``; rank 0 holds ``.lock``)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, name: str = LOCK_FILE):
         self.out = Path(out)
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / LOCK_FILE
+        self.path = self.out / name
         self.handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
         try:
             import fcntl
@@ -269,20 +306,29 @@ class OutDirLock:
         except BlockingIOError:
             self.handle.close()
             self.handle = None
-            self._remove_if_empty()
+            self._remove_if_created()
             raise DataError(f"--out {out}: another simulref eval is using this directory; "
                             "wait for it to finish or use another --out") from None
 
     def release(self) -> None:
         if self.handle is not None:
+            # Nothing but locks there (ours, other ranks'): the run wrote nothing. Ours
+            # goes while still held, so no other eval can have taken it meanwhile.
+            if all(_LOCK_NAME.fullmatch(p.name) for p in self.out.iterdir()):
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:  # an open file cannot be removed everywhere
+                    pass
             self.handle.close()  # closing drops the flock
             self.handle = None
-        self._remove_if_empty()
+        self._remove_if_created()
 
-    def _remove_if_empty(self) -> None:
-        if self.created and [p.name for p in self.out.iterdir()] in ([], [LOCK_FILE]):
-            self.path.unlink(missing_ok=True)
-            self.out.rmdir()
+    def _remove_if_created(self) -> None:
+        if self.created:
+            try:
+                self.out.rmdir()  # only when empty: another rank's lock may still be there
+            except OSError:
+                pass
 
     def __enter__(self) -> OutDirLock:
         return self
@@ -291,9 +337,15 @@ class OutDirLock:
         self.release()
 
 
-def lock_out_dir(out: Path) -> OutDirLock:
-    """:class:`OutDirLock` on ``out``; DataError when another eval holds it."""
-    return OutDirLock(out)
+def lock_name(rank: int) -> str:
+    """The lock file of rank ``rank`` (0: a single process)."""
+    return LOCK_FILE if rank == 0 else f".rank{rank}.lock"
+
+
+def lock_out_dir(out: Path, rank: int = 0) -> OutDirLock:
+    """:class:`OutDirLock` on ``out`` for rank ``rank`` (0: a single process); DataError
+    when another eval holds it."""
+    return OutDirLock(out, lock_name(rank))
 
 
 # --- scores ------------------------------------------------------------------------------
@@ -384,6 +436,10 @@ class Evaluation:
     word_duration: float = 0.4
     batch_size: int = 1
     on_batch: Callable | None = None  # simulref.batch's on_forward hook (benchmarks)
+    # Over several ranks (simulref.distributed): whose progress files this process
+    # appends to, and the (run name, sentence) items it decodes (None: all of them).
+    rank: int = 0
+    share: frozenset | None = None
 
     def run_config(self, spec: RunSpec) -> DecodeConfig:
         """The decode options of one run."""
@@ -413,8 +469,10 @@ class Evaluation:
         return dataclasses.replace(trace, settings=settings)
 
     def pending(self, spec: RunSpec) -> list[int]:
-        done = {r["index"] for r in load_records(self.out / spec.progress_file, repair=True)}
-        return [i for i in range(len(self.pairs)) if i not in done]
+        """Sentences of ``spec`` in none of its progress files (and in ``share``, if set)."""
+        done = {r["index"] for r in run_records(self.out, spec, repair=self.rank)}
+        return [i for i in range(len(self.pairs)) if i not in done
+                and (self.share is None or (spec.name, i) in self.share)]
 
     def run_sentence(self, spec: RunSpec, index: int) -> dict:
         start = time.monotonic()
@@ -433,12 +491,12 @@ class Evaluation:
             "generated_tokens": generated_tokens(trace),
             "trace": trace.to_jsonl(),
         }
-        append_record(self.out / spec.progress_file, record)
+        append_record(self.out / spec.rank_progress_file(self.rank), record)
         return record
 
     def finish_run(self, spec: RunSpec) -> dict:
         """Rewrite the run's traces file in sentence order and return its scores."""
-        records = load_records(self.out / spec.progress_file)
+        records = run_records(self.out, spec)
         by_index = {r["index"]: r for r in records}
         # Each record holds its trace as JSON Lines text; concatenated in sentence order
         # they make a traces file that simulref.trace.read_traces reads.
@@ -475,11 +533,17 @@ class Evaluation:
         """Every pending (run, sentence) item in one continuous batch (simulref.batch):
         each record is appended when its sentence ends, so a killed run loses only the
         sentences in flight; the runs' files are written once all are done."""
+        self.decode_batched(on_progress)
+        return self.finish()
+
+    def decode_batched(self, on_progress) -> None:
+        """Decode and store the pending items of :meth:`_run_batched` (progress: one count
+        over all runs, of ``share`` when set); writes no run file."""
         from simulref.batch import Finished, Item, decode_items
 
         items = [Item((n, index), self.pairs[index].source, self.run_config(spec))
                  for n, spec in enumerate(self.specs) for index in self.pending(spec)]
-        total = len(self.specs) * len(self.pairs)
+        total = len(self.specs) * len(self.pairs) if self.share is None else len(self.share)
         done = total - len(items)
         if on_progress:
             on_progress(None, done, total)
@@ -495,6 +559,9 @@ class Evaluation:
             done += 1
             if on_progress:
                 on_progress(None, done, total)
+
+    def finish(self) -> list[dict]:
+        """Every run's traces file and scores, then ``results.json``."""
         summaries = []
         for spec in self.specs:
             summaries.append(self.finish_run(spec))
@@ -542,7 +609,7 @@ def run_trace(out: Path, spec: RunSpec, index: int):
     """The stored trace of sentence ``index`` in run ``spec``, or None."""
     from simulref.trace import Trace
 
-    for record in load_records(out / spec.progress_file):
+    for record in run_records(out, spec):
         if record["index"] == index:
             return Trace.from_jsonl(record["trace"])
     return None
