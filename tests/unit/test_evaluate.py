@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
-from traces import untimed
 import sacrebleu
 from hypothesis import given
 from hypothesis import strategies as st
+from traces import untimed
 
 from simulref import evaluate, metrics
 from simulref.config import DecodeConfig
