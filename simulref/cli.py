@@ -668,7 +668,8 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     for pair in pairs:
         check_context(model, tokenizer, pair.source.split(), system_args,
                       what=f"{settings['data']}:{pair.line}")
-    size = _batch_size(args, model, tokenizer, pairs, settings["system"])
+    size, line = _batch_size(args, model, tokenizer, pairs, settings["system"])
+    print(line if plan is None else plan.tagged(line), file=sys.stderr)
     peak = [0]
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
@@ -703,8 +704,9 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     return 0
 
 
-def _batch_size(args, model, tokenizer, pairs, system: str) -> int:
-    """--batch-size (auto: from the device), capped by --max-memory; printed."""
+def _batch_size(args, model, tokenizer, pairs, system: str) -> tuple[int, str]:
+    """--batch-size (auto: from the device), capped by --max-memory, and the line that
+    says so."""
     from simulref import limits
     from simulref.batch_memory import choose_batch_size
 
@@ -712,8 +714,7 @@ def _batch_size(args, model, tokenizer, pairs, system: str) -> int:
                   for p in pairs)
     wanted = None if args.batch_size == "auto" else args.batch_size
     size, line = choose_batch_size(model, longest, wanted=wanted, max_memory=args.max_memory)
-    print(f"simulref eval: {line}", file=sys.stderr)
-    return size
+    return size, f"simulref eval: {line}"
 
 
 def _peak_memory() -> str:
