@@ -94,18 +94,39 @@ def read_hashes(path: str | Path) -> set[str]:
     return hashes
 
 
+def training_guard() -> HeldOut:
+    """What no training data may hold: the bundled test sets and reserved sources."""
+    return held_out(bundled_test_sets())
+
+
+def first_held_out(pairs, held: HeldOut):
+    """The first ``(line, source)`` of ``pairs`` (objects with ``.source`` and ``.line``)
+    that ``held`` excludes, or None."""
+    for pair in pairs:
+        if held.excludes(pair.source):
+            return pair.line, pair.source
+    return None
+
+
 def bundled_test_sets() -> list[Path]:
     """The bundled evaluation TSVs (``simulref/data/*.tsv``)."""
     return sorted((Path(__file__).parent / "data").glob("*.tsv"))
 
 
+# The project's reserved English sources (a copy of the shared data's
+# reserved-sources.sha256): never training data, whatever else is held out.
+RESERVED = Path(__file__).parent / "data" / "reserved-sources.sha256"
+
+
 def held_out(test_sets: Iterable[str | Path] = (),
              reserved: Iterable[str | Path] = ()) -> HeldOut:
+    """The bundled reserved hashes (:data:`RESERVED`), ``reserved`` files and the sources
+    of ``test_sets``."""
     sources: set[str] = set()
     for path in test_sets:
         sources |= read_sources(path)
     hashes: set[str] = set()
-    for path in reserved:
+    for path in (RESERVED, *reserved):
         hashes |= read_hashes(path)
     return HeldOut(frozenset(sources), frozenset(hashes))
 
@@ -179,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exclude", nargs="*", default=[], metavar="TSV",
                         help="more test sets to hold out (the bundled ones always are)")
     parser.add_argument("--reserved", nargs="*", default=[], metavar="FILE",
-                        help="files of sha256 digests of held-out sources")
+                        help="more files of sha256 digests of held-out sources (the "
+                             "bundled reserved-sources.sha256 always is)")
     parser.add_argument("--valid", type=int, default=DEFAULT_VALID,
                         help="validation pairs per language (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)

@@ -83,13 +83,20 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _read(path: Path, option: str):
-    from simulref import evaluate
+    """The pairs of a training TSV; a source of a bundled test set or a reserved one is
+    refused (it would leak the evaluation into the model)."""
+    from simulref import databuild, evaluate
     from simulref.cli import UsageError
 
     try:
-        return [(p.source, p.reference) for p in evaluate.read_pairs(path)]
+        pairs = evaluate.read_pairs(path)
     except evaluate.DataError as error:
         raise UsageError(f"{option}: {error}") from None
+    leak = databuild.first_held_out(pairs, databuild.training_guard())
+    if leak is not None:
+        raise UsageError(f"{option}: {path}:{leak[0]}: source {leak[1]!r} is held out from "
+                         "training (a bundled test-set or reserved source)")
+    return [(p.source, p.reference) for p in pairs]
 
 
 def run_train(args) -> int:

@@ -163,3 +163,22 @@ def test_shipped_tsvs_hold_no_test_or_reserved_source():
         assert source not in seen.setdefault(language, set()), (name, source)  # no duplicates
         seen[language].add(source)
     assert {k: len(v) for k, v in seen.items()} == {"postgres-en-de": 2023, "postgres-en-fr": 1693}
+
+
+def test_the_reserved_sources_are_always_held_out(tmp_path, monkeypatch):
+    """The packaged reserved list is the shared one (tests/unit/data holds a copy of
+    ../shared/data/reserved-sources.sha256), and the builder holds it out without being
+    told: main without --reserved drops a sentence whose hash it lists."""
+    assert databuild.RESERVED.read_bytes() == (DATA / "reserved-sources.sha256").read_bytes()
+    assert len(databuild.held_out().hashes) == 200
+    reserved = tmp_path / "reserved.sha256"
+    reserved.write_text(databuild.RESERVED.read_text() + source_hash(SENTENCE) + "\n")
+    monkeypatch.setattr(databuild, "RESERVED", reserved)
+    write_mo(tmp_path / "loc/fr/LC_MESSAGES/postgres-15.mo", MESSAGES)
+    out = tmp_path / "out"
+    assert databuild.main(["--locale-dir", str(tmp_path / "loc"), "--out", str(out),
+                           "--lang", "fr", "--valid", "0"]) == 0
+    sources = {line.split("\t")[0]
+               for line in (out / "postgres-en-fr.train.tsv").read_text().splitlines()}
+    assert SENTENCE not in sources and sources
+    assert databuild.training_guard().excludes(SENTENCE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from simulref.trace import read_traces
 TSV = ("The weather is nice today\tIl fait beau aujourd'hui\n"
        "I want to buy a car\tJe veux acheter une voiture\n"
        "The quick brown fox jumps\tLe renard brun saute\n"
-       "canceling statement due to user request\tannulation de la requête\n")
+       "The old dog sleeps under the table\tLe vieux chien dort sous la table\n")
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,30 @@ def test_shipped_adapter_presets_are_complete(name):
     size = (preset.path / finetune.ADAPTER_FILE).stat().st_size
     assert size < 8 << 20  # "a few MB"
     assert not (preset.path / finetune.CHECKPOINT_FILE).exists()  # optimizer state stays out
+
+
+@pytest.mark.parametrize("option", ["--data", "--valid-data"])
+@pytest.mark.parametrize("held", ["test set", "reserved"])
+def test_training_data_with_a_held_out_source_is_refused(option, held, data, tmp_path,
+                                                         capsys, monkeypatch, no_model_load):
+    """A source of a bundled test set, or one whose hash is reserved, never reaches
+    training: exit 2 naming the file and line, before the model loads."""
+    from simulref import databuild
+    from simulref.evaluate import dataset_path, read_pairs
+
+    if held == "test set":
+        source = read_pairs(dataset_path("postgres-en-fr"))[7].source
+    else:  # the shipped hashes' texts are not known here: reserve one of ours
+        source = "this sentence is reserved for the tests only"
+        reserved = tmp_path / "reserved.sha256"
+        reserved.write_text(databuild.RESERVED.read_text() + databuild.source_hash(source) + "\n")
+        monkeypatch.setattr(databuild, "RESERVED", reserved)
+    leaky = tmp_path / "leaky.tsv"
+    leaky.write_text(Path(data).read_text(encoding="utf-8") + f"  {source} \tune phrase\n",
+                     encoding="utf-8")
+    argv = ["--data", data, "--valid-data", str(leaky)] if option == "--valid-data" else [
+        "--data", str(leaky)]
+    assert main(["train", "--out", str(tmp_path / "o"), "--batch-size", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{option}: {leaky}:5: source {source!r} is held out from training" in err
+    assert not (tmp_path / "o").exists()
