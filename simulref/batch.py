@@ -39,7 +39,7 @@ import numpy as np
 
 from .batch_cache import SOURCE, TARGET, BatchBuffer
 from .config import DecodeConfig
-from .decoder import PENDING, Feed, _make_run, _model_name, source_words
+from .decoder import PENDING, Feed, _make_run, _model_name, known_prompt, source_words
 from .engine import is_greedy, last_position_head
 from .trace import Trace
 
@@ -80,9 +80,12 @@ class _Row:
 
     name = ENGINE_NAME
 
-    def __init__(self, template, word_ids: Sequence[Sequence[int]]):
+    def __init__(self, template, word_ids: Sequence[Sequence[int]], prompt: int,
+                 interleaved: bool):
         self.template = template
         self.word_ids = [list(ids) for ids in word_ids]  # the last with the suffix
+        self.prompt = prompt  # the whole prompt's tokens, assistant header included
+        self.interleaved = interleaved  # a read feeds the word's tokens (after targets)
         self.prefix: list[int] = []
         self.ends: list[int] = []  # ends[r]: source tokens of the prefix and r words
         self.read_count = 0
@@ -117,7 +120,7 @@ class _Row:
         for word in self.word_ids:
             self.ends.append(self.ends[-1] + len(word))
 
-    def read(self, ids: Sequence[int], interleaved: bool = False) -> None:
+    def read(self, ids: Sequence[int]) -> None:
         self.read_count += 1
         if not self.fed:
             return  # not joined yet: the join sees every word read before it
@@ -127,7 +130,7 @@ class _Row:
             self.ahead = None
             self.drop_last = True
         self.reads_since_sample += 1
-        if interleaved:
+        if self.interleaved:
             self.queue.extend((t, SOURCE) for t in ids)
 
     def peek(self, may_read: bool = True):
@@ -156,11 +159,6 @@ class _Row:
         self.ahead = token
         self.waiting = False
         self.reads_since_sample = 0
-
-
-class _InterleavedRow(_Row):
-    def read(self, ids: Sequence[int], interleaved: bool = True) -> None:
-        super().read(ids, interleaved=True)
 
 
 @dataclass
@@ -233,7 +231,6 @@ class _Batch:
         self.n_layers = len(model.make_cache()) if hasattr(model, "make_cache") else len(
             model.layers)
         self.buffer: BatchBuffer | None = None
-        self.peak_bytes = 0
         self._templates: dict = {}
 
     def template(self, config: DecodeConfig):
@@ -380,28 +377,16 @@ class _Batch:
 
     def _new_slot(self, item: Item) -> _Slot:
         config = item.config
-        row_class = _InterleavedRow if config.layout == "interleaved" else _Row
         made: list[_Row] = []
 
         def make_engine(template, words, word_ids, context):
-            ids = [tuple(word_ids[i]) for i in range(words.length)]
-            if ids:
-                ids[-1] = ids[-1] + tuple(template.suffix_ids)
-            made.append(row_class(template, ids))
+            ids, prompt = known_prompt(template, word_ids, words.length)
+            made.append(_Row(template, ids, prompt, config.layout == "interleaved"))
             return made[0]
 
         run = _make_run(self.model, self.tokenizer, item.source, config,
                         make_engine=make_engine, template=self.template(config))
         return _Slot(item, run, made[0], run.events(), [], time.monotonic())
-
-    def _fits(self, item: Item) -> bool:
-        """Whether the whole prompt fits the model's context (the batch prefills it)."""
-        source = item.source
-        words = source.split() if isinstance(source, str) else list(source)
-        t = self.template(item.config)
-        total = len(t.prefix_ids) + len(t.suffix_ids) + len(t.header_ids) + sum(
-            len(t.word_ids(i, w)) for i, w in enumerate(words))
-        return total < self.context
 
     def _advance(self, slot: _Slot):
         """Run the slot's loop until it waits for a token (False) or ends (True), yielding
@@ -466,7 +451,6 @@ class _Batch:
                 self.buffer.keep_rows(keep)
                 slots = [slots[b] for b in keep]
             resolved = self._step(slots)
-            self.peak_bytes = max(self.peak_bytes, self.buffer.nbytes)
             for b in resolved:
                 slot = slots[b]
                 ended = yield from self._advance(slot)
@@ -483,10 +467,11 @@ class _Batch:
         started: list[_Slot] = []
         while pending and len(started) < n:
             item = pending.popleft()
-            if not batchable(item.config) or not self._fits(item):
+            slot = self._new_slot(item) if batchable(item.config) else None
+            # The rows prefill the whole prompt: one longer than the context goes alone.
+            if slot is None or slot.row.prompt >= self.context:
                 yield (yield from self._alone(item))
                 continue
-            slot = self._new_slot(item)
             ended = yield from self._advance(slot)
             if ended:
                 yield self._finish(slot)

@@ -478,6 +478,16 @@ class _Run:
                                    not self.source_done)
 
 
+def known_prompt(template, word_ids, length: int) -> tuple[list[tuple[int, ...]], int]:
+    """A known source's words as an engine that prefills it takes them (the last with
+    the end-of-turn suffix) and the whole prompt's length, assistant header included."""
+    words = [tuple(word_ids[i]) for i in range(length)]
+    if words:
+        words[-1] = words[-1] + tuple(template.suffix_ids)
+    prompt = len(template.prefix_ids) + sum(map(len, words)) + len(template.header_ids)
+    return words, prompt
+
+
 def _make_engine(config: DecodeConfig, model, template, source: _Source, word_ids,
                  on_forward, context: int):
     name = engine_name(config, model, source.length is not None)
@@ -487,11 +497,7 @@ def _make_engine(config: DecodeConfig, model, template, source: _Source, word_id
         if source.length is None:
             raise ValueError("engine: 'prefilled' needs a source known up front (a str or a "
                              "sequence of words), got a stream; use 'auto' or 'incremental'")
-        words = [word_ids[i] for i in range(source.length)]
-        if words:
-            words[-1] = words[-1] + tuple(template.suffix_ids)
-        prompt = (len(template.prefix_ids) + sum(map(len, words))
-                  + len(template.header_ids))
+        words, prompt = known_prompt(template, word_ids, source.length)
         if prompt < context:
             return PrefilledEngine(model, template, words, **common)
         if config.engine == "prefilled":

@@ -409,12 +409,4 @@ def decode_share(job, on_progress: Callable | None = None) -> None:
         job.decode_batched(on_progress)
         return
     for spec in job.specs:
-        todo = job.pending(spec)
-        if not todo:
-            continue
-        if on_progress:
-            on_progress(spec, 0, len(todo))
-        for done, index in enumerate(todo, start=1):
-            job.run_sentence(spec, index)
-            if on_progress:
-                on_progress(spec, done, len(todo))
+        job.decode_run(spec, on_progress)

@@ -514,19 +514,25 @@ class Evaluation:
             return self._run_batched(on_progress)
         summaries = []
         for spec in self.specs:
-            todo = self.pending(spec)
-            total = len(self.pairs)
-            done = total - len(todo)
-            if on_progress:
-                on_progress(spec, done, total)
-            for index in todo:
-                self.run_sentence(spec, index)
-                done += 1
-                if on_progress:
-                    on_progress(spec, done, total)
+            self.decode_run(spec, on_progress)
             summaries.append(self.finish_run(spec))
             write_results(self.out, self.settings, summaries)
         return summaries
+
+    def decode_run(self, spec: RunSpec, on_progress=None) -> None:
+        """Decode and store the pending sentences of one run, one at a time (progress
+        counts the run's sentences, those of ``share`` when set); writes no run file."""
+        todo = self.pending(spec)
+        total = (len(self.pairs) if self.share is None
+                 else sum(name == spec.name for name, _ in self.share))
+        done = total - len(todo)
+        if on_progress:
+            on_progress(spec, done, total)
+        for index in todo:
+            self.run_sentence(spec, index)
+            done += 1
+            if on_progress:
+                on_progress(spec, done, total)
 
 
     def _run_batched(self, on_progress) -> list[dict]:
