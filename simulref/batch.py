@@ -149,7 +149,8 @@ class _Row:
             self.waiting = True
         return PENDING
 
-    def accept(self, token: int, speculate: bool = False, may_read: bool = True) -> None:
+    def accept(self, token: int, speculate: bool = False, may_read: bool = True,
+               forecast=None) -> None:
         self.fed.append(token)
         self.ahead = None
         self.queue.append((token, TARGET))

@@ -42,6 +42,8 @@ widest chunk fed; rows agree on every slot but those of the last chunk until
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 SOURCE = "source"
@@ -84,6 +86,8 @@ class StreamState:
         self.offset = 0
         self._chunk: tuple[bool, int, int] | None = None  # (is_target, n, first slot)
         self._visible: np.ndarray | None = None  # (rows, n) source budgets of that chunk
+        self._choice = None  # (lazy flag, other budgets): see begin()
+        self._lanes: LanePlan | None = None  # the plan of a lanes prefill
 
     def start_target_group(self, start: int) -> None:
         """Fix the first target position now, if ``target_start="auto"`` left it open (an
@@ -96,7 +100,7 @@ class StreamState:
     def length(self) -> int:
         return self.n_source + self.n_target
 
-    def begin(self, kind: str, n: int, visible=None):
+    def begin(self, kind: str, n: int, visible=None, choice=None):
         """Announce the next chunk: ``n`` tokens of ``kind`` (``"source"``/``"target"``).
 
         ``visible`` (target chunks, group layout): source tokens each query may see, the
@@ -104,6 +108,10 @@ class StreamState:
         source token in the cache. With ``target_start="auto"`` the target group starts
         at the budget of each row's first target token (the source tokens read at the
         first write).
+
+        ``choice`` (with ``visible``): ``(flag, other)``, a lazy bool of shape (1,) and
+        budgets shaped like ``visible``: where the flag holds on the device, the queries
+        see ``other`` instead (a step fed before the host knew whether a read comes first).
 
         Returns the position of its first token (an array of one per row when rows start
         at different positions); the chunk's tokens take consecutive positions from there.
@@ -124,6 +132,15 @@ class StreamState:
         else:
             position = self.n_source
         self._visible = budgets
+        self._choice = None
+        if choice is not None:
+            if budgets is None:
+                raise ValueError("choice: needs visible budgets to choose from")
+            flag, other = choice
+            self._choice = (flag, self._check_visible(other, n, is_target))
+            if self._choice[1].shape != budgets.shape:
+                raise ValueError(f"choice: expected budgets of shape {budgets.shape}, "
+                                 f"got {self._choice[1].shape}")
         self._chunk = (is_target, n, self.length)
         if self.runs and self.runs[-1][0] == is_target:
             self.runs[-1][1] += n
@@ -179,9 +196,37 @@ class StreamState:
         self.offset = _offset(np.array([source, target - (m - 1)]))
         return source, target
 
+    def begin_lanes(self, plan: LanePlan) -> None:
+        """Announce the first forward of a prefilled engine (group layout, empty cache):
+        the whole source and the assistant header in one model call, laid out in
+        ``plan``'s lanes (batch rows of consecutive positions, see :func:`lane_plan`). The
+        slots are the source tokens in order, then the header; a header query sees the
+        source tokens below ``plan.budget`` and the header up to itself."""
+        if self.layout != "group":
+            raise ValueError("begin_lanes: lanes need the 'group' layout")
+        if self.length:
+            raise RuntimeError("begin_lanes: the cache must be empty")
+        if self.target_start is None:
+            self.target_start = plan.header_start
+        elif self.target_start != plan.header_start:
+            raise ValueError(f"begin_lanes: the plan starts the header at "
+                             f"{plan.header_start}, the layout at {self.target_start}")
+        self.runs = [[False, plan.n_source], [True, plan.n_header]]
+        self.n_source, self.n_target = plan.n_source, plan.n_header
+        self._chunk = (_LANES, plan.width, 0)
+        self._visible = None
+        self._lanes = plan
+        self.offset = _offset(np.asarray(plan.offsets)) if len(plan.offsets) > 1 \
+            else plan.offsets[0]
+
     @property
     def fused(self) -> bool:
         return self._chunk is not None and self._chunk[0] is None
+
+    @property
+    def lanes(self) -> LanePlan | None:
+        """The plan of the announced chunk, when it is a lanes prefill."""
+        return self._lanes if self._chunk is not None and self._chunk[0] is _LANES else None
 
     def check_chunk(self, start: int, n: int) -> None:
         """Raise unless a layer holding ``start`` slots may take the announced ``n`` tokens."""
@@ -209,6 +254,7 @@ class StreamState:
             excess -= take
         self._chunk = None
         self._visible = None
+        self._lanes = None
 
     def slot_is_target(self) -> np.ndarray:
         """One bool per slot, in feeding order: whether it holds a target token."""
@@ -231,8 +277,15 @@ class StreamState:
         is_target, _, start = self._chunk
         if is_target is None:
             return mx.array(self._fused_mask(start, n)[:, None])
+        if is_target is _LANES:
+            return mx.array(self._lanes.mask()[:, None])
         if self._visible is not None:
-            return mx.array(self._budget_mask(start, n)[:, None])
+            mask = mx.array(self._budget_mask(start, n, self._visible)[:, None])
+            if self._choice is not None:
+                flag, other = self._choice
+                mask = mx.where(flag.reshape(1, 1, 1, 1),
+                                mx.array(self._budget_mask(start, n, other)[:, None]), mask)
+            return mask
         if self.layout == "group" and not is_target and self.n_target > 0:
             # A source chunk must not see target keys: the source part of the cache stays
             # what a prefill of the source alone would give.
@@ -260,7 +313,7 @@ class StreamState:
         target[:-1, 0] = True
         return np.stack([source, target])
 
-    def _budget_mask(self, start: int, n: int) -> np.ndarray:
+    def _budget_mask(self, start: int, n: int, visible: np.ndarray) -> np.ndarray:
         """(rows, n, keys): a query sees the target slots up to itself and the source
         slots whose rank in source order is below its budget."""
         is_target = self.slot_is_target()
@@ -268,7 +321,7 @@ class StreamState:
         causal = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]
         targets = is_target[None, :] & causal
         sources = (~is_target & causal)[None] & (
-            source_rank[None, None, :] < self._visible[:, :, None])
+            source_rank[None, None, :] < visible[:, :, None])
         return sources | targets[None]
 
     def positions(self):
@@ -277,6 +330,10 @@ class StreamState:
         if self._chunk is None:
             return ()
         is_target, n, _ = self._chunk
+        if is_target is _LANES:  # the source, then the header (as two chunks)
+            plan = self._lanes
+            return (tuple(range(plan.n_source)),
+                    tuple(range(plan.header_start, plan.header_start + plan.n_header)))
         if is_target is None:  # fused: the source rows, then the padded target row
             source, target = self.n_source - n, self.target_start + self.n_target - 1
             return (tuple(range(source, source + n)), tuple(range(target - n + 1, target + 1)))
@@ -289,6 +346,97 @@ class StreamState:
         if isinstance(first, np.ndarray):
             return tuple(tuple(range(int(f), int(f) + n)) for f in first)
         return tuple(range(int(first), int(first) + n))
+
+
+_LANES = "lanes"  # the kind of a lanes prefill chunk
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """The source and the assistant header fed in one forward: batch rows (*lanes*) of
+    ``width`` columns, each lane a run of consecutive positions (RoPE takes one offset
+    per row), right-padded. ``slots[lane][col]`` is the cache slot a column fills (-1: a
+    pad); the source takes slots ``0 .. n_source - 1`` (position = slot), the header the
+    next ``n_header`` slots at positions ``header_start, ...``. ``last`` is the (lane,
+    column) of the header's last token, whose logits give the first target token."""
+
+    n_source: int
+    n_header: int
+    header_start: int
+    budget: int  # source tokens the header's queries see
+    width: int
+    slots: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    last: tuple[int, int]
+
+    def pieces(self):
+        """``(lane, first column, first slot, count)`` runs of consecutive slots."""
+        out = []
+        for lane, row in enumerate(self.slots):
+            col = 0
+            while col < len(row) and row[col] >= 0:
+                end = col
+                while end + 1 < len(row) and row[end + 1] == row[end] + 1:
+                    end += 1
+                out.append((lane, col, row[col], end - col + 1))
+                col = end + 1
+        return tuple(out)
+
+    def mask(self) -> np.ndarray:
+        """(lanes, width, keys): a source query sees the source slots up to itself; a
+        header query the source slots below the budget and the header up to itself; a
+        pad query slot 0 only (its output is never used, but must not be NaN)."""
+        total = self.n_source + self.n_header
+        slots = np.asarray(self.slots)
+        keys = np.arange(total)
+        source_key = keys < self.n_source
+        header = slots >= self.n_source
+        up_to_self = keys[None, None, :] <= slots[:, :, None]
+        sees = np.where(header[:, :, None],
+                        (source_key & (keys < self.budget))[None, None, :]
+                        | (~source_key[None, None, :] & up_to_self),
+                        source_key[None, None, :] & up_to_self)
+        sees[slots < 0] = keys == 0
+        return sees
+
+
+def lane_plan(n_source: int, n_header: int, header_start: int, budget: int,
+              max_lanes: int = 4) -> LanePlan:
+    """Lay out a prefill of ``n_source`` source tokens (positions 0, 1, ...) and a header
+    of ``n_header`` tokens at positions ``header_start, ...`` in as few padded columns as
+    ``max_lanes`` lanes allow (a forward's cost follows rows x columns). The header goes
+    right after the source tokens it continues in position (the first ``header_start``,
+    or all of them when it starts past the source), so two runs of consecutive positions
+    cover everything; each run is cut into lanes."""
+    if n_source < 1 or n_header < 1:
+        raise ValueError(f"lane_plan: expected a source and a header, got {n_source} "
+                         f"and {n_header} tokens")
+    if max_lanes < 2:
+        raise ValueError(f"lane_plan: max_lanes must be >= 2 (two runs), got {max_lanes}")
+    if header_start < 0 or not 0 <= budget <= n_source:
+        raise ValueError(f"lane_plan: bad header start {header_start} or budget {budget}")
+    header = [(header_start + i, n_source + i) for i in range(n_header)]  # (position, slot)
+    cut = min(header_start, n_source)
+    runs = [[(p, p) for p in range(cut)] + header, [(p, p) for p in range(cut, n_source)]]
+    if header_start > n_source:  # not contiguous with the source: a run of its own
+        runs = [[(p, p) for p in range(n_source)], header]
+    runs = [r for r in runs if r]
+    best = None
+    for width in sorted({-(-len(r) // q) for r in runs for q in range(1, max_lanes + 1)}):
+        lanes = sum(-(-len(r) // width) for r in runs)
+        if lanes <= max_lanes and (best is None or lanes * width < best[0] * best[1]):
+            best = (lanes, width)
+    width = best[1]
+    slots, offsets, last = [], [], None
+    for run in runs:
+        for lo in range(0, len(run), width):
+            piece = run[lo : lo + width]
+            offsets.append(piece[0][0])
+            slots.append(tuple(s for _, s in piece) + (-1,) * (width - len(piece)))
+            if piece[-1][1] == n_source + n_header - 1:
+                last = (len(slots) - 1, len(piece) - 1)
+    return LanePlan(n_source, n_header, header_start, budget, width, tuple(slots),
+                    tuple(offsets), last)
 
 
 def _one_or_many(values: np.ndarray):
@@ -337,6 +485,8 @@ class StreamCache:
         self.shared.check_chunk(prev, n)
         if self.shared.fused:
             return self._fused_update(keys, values)
+        if self.shared.lanes is not None:
+            return self._lanes_update(keys, values, self.shared.lanes)
         rows = keys.shape[0]
         if self.keys is not None and rows != self.rows:
             if rows == 1:
@@ -371,6 +521,24 @@ class StreamCache:
         k, v = self.keys[..., : self.length, :], self.values[..., : self.length, :]
         return mx.broadcast_to(k, (2, *k.shape[1:])), mx.broadcast_to(v, (2, *v.shape[1:]))
 
+    def _lanes_update(self, keys, values, plan: LanePlan):
+        """A lanes prefill: each lane's columns go to their slots of the one buffer (pads
+        nowhere); every lane gets the whole buffer back."""
+        import mlx.core as mx
+
+        total = plan.n_source + plan.n_header
+        if self.rows > 1:
+            self.keys, self.values = self.keys[:1], self.values[:1]
+        self._reserve(total, keys[:1], values[:1])
+        for lane, col, slot, count in plan.pieces():
+            self.keys[..., slot : slot + count, :] = keys[lane : lane + 1, :, col : col + count]
+            self.values[..., slot : slot + count, :] = values[lane : lane + 1, :,
+                                                              col : col + count]
+        self.length = total
+        k, v = self.keys[..., :total, :], self.values[..., :total, :]
+        lanes = keys.shape[0]
+        return mx.broadcast_to(k, (lanes, *k.shape[1:])), mx.broadcast_to(v, (lanes, *v.shape[1:]))
+
     def _reserve(self, total: int, keys, values) -> None:
         """Room for ``total`` slots, grown in steps (no per-token concatenation)."""
         import mlx.core as mx
@@ -398,6 +566,20 @@ class StreamCache:
         lo = self.length - n
         self.keys[:, :, lo : self.length, :] = self.keys[row : row + 1, :, lo : self.length, :]
         self.values[:, :, lo : self.length, :] = self.values[row : row + 1, :, lo : self.length, :]
+
+    def keep_where(self, flag, n: int = 1) -> None:
+        """Like :meth:`keep`, with the row chosen on the device: row 1's entries where the
+        lazy bool ``flag`` (shape (1,)) holds, else row 0's (two-row buffers)."""
+        import mlx.core as mx
+
+        if self.rows != 2:
+            raise ValueError(f"keep_where: expected a buffer of 2 rows, got {self.rows}")
+        lo = self.length - n
+        pick = flag.reshape(1, 1, 1, 1)
+        for name in ("keys", "values"):
+            buffer = getattr(self, name)
+            buffer[:, :, lo : self.length, :] = mx.where(
+                pick, buffer[1:2, :, lo : self.length, :], buffer[0:1, :, lo : self.length, :])
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         return self.shared.make_mask(N, return_array=return_array, window_size=window_size)

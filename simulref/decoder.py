@@ -29,6 +29,10 @@ from functools import lru_cache
 
 from .config import ENGINES, LAYOUTS, DecodeConfig  # noqa: F401 - re-exported
 from .engine import (
+    FEED,
+    FINISH,
+    READ_FIRST,
+    Forecast,
     FusedEngine,
     IncrementalEngine,
     PrefilledEngine,
@@ -388,6 +392,26 @@ class _Run:
         return self.policy.decide(self.read, self.written + 1, self.source_done,
                                   self.source.length) is not READ
 
+    def _forecast(self, word_length: int, content: bool) -> Forecast:
+        """What this loop will do with the next token, whatever it is (an engine that
+        pipelines feeds it ahead by this; see :class:`~simulref.engine.Forecast`)."""
+        limit = self._words_limit()
+        last_word = limit is not None and self.written + 1 >= limit  # if this one is written
+        if last_word:
+            word_end = FINISH
+        elif not self.source_done and self.policy.decide(
+                self.read, self.written + 1, False, self.source.length) is READ:
+            word_end = READ_FIRST
+        else:
+            word_end = FEED
+        return Forecast(content=content, cut=word_length >= self.max_tokens_per_word,
+                        source_done=self.source_done,
+                        # A dropped EOS writes the word (if it has text) before the read:
+                        # the words limit may end the run there.
+                        eos_reads=not (self.source_done or self.stop_at_first_eos
+                                       or (content and last_word)),
+                        word_end=word_end, room=self._fits(1), table=self.table, eos=self.eos)
+
     def _write(self, word: list[int]) -> Write:
         event = Write(self.written, self.table.text(word), tuple(word), time.monotonic())
         self.written += 1
@@ -475,7 +499,8 @@ class _Run:
                     yield Finish(CONTEXT_LIMIT, time.monotonic())
                     return
                 self.engine.accept(token, self._speculate() and self._fits(1),
-                                   not self.source_done)
+                                   not self.source_done,
+                                   forecast=self._forecast(len(word), content))
 
 
 def known_prompt(template, word_ids, length: int) -> tuple[list[tuple[int, ...]], int]:

@@ -8,9 +8,10 @@ events. It talks to an engine through four calls:
   last word);
 - ``peek(may_read) -> int``: the token the model predicts next, given the target tokens
   accepted so far and the source read so far (the assistant header goes in first);
-- ``accept(token, speculate, may_read)``: ``token`` (the one ``peek`` gave) joins the
-  target; ``speculate`` says the loop expects no read before the next token, so the
-  engine may feed that one before the loop looks at it (pipelining).
+- ``accept(token, speculate, may_read, forecast)``: ``token`` (the one ``peek`` gave)
+  joins the target; ``speculate`` says the loop expects no read before the next token, so
+  the engine may feed that one before the loop looks at it (pipelining); ``forecast`` (a
+  :class:`Forecast`) says what the loop will do with the next token, whatever it is.
 
 ``may_read`` says whether a read may come between this sample and the next one (the
 source is not done): the prefilled engine then feeds the token in two rows.
@@ -31,7 +32,9 @@ slow, obviously-correct twin the others are tested against):
     the words read (its *budget*). While a read may follow, each target token goes in two
     rows, budget r and r + 1: when the loop reads one word, the next token is row r + 1's
     sample and row r + 1's cache entry is kept (no trim, no re-feed). Only a second read
-    in a row re-feeds.
+    in a row re-feeds. The prefill carries the assistant header too (lanes), and greedy
+    steps are pipelined, reads included, the choice between the two rows made on the
+    device from the loop's :class:`Forecast` (docs/decoder.md, "Pipelined steps").
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .cache import SOURCE, TARGET, make_stream_cache
+from .cache import SOURCE, TARGET, lane_plan, make_stream_cache
 
 
 @dataclass(frozen=True)
@@ -160,14 +163,20 @@ class _Engine:
         return head(body(batch, cache=self.caches)[:, -1:, :])[:, -1, :]
 
     def _call(self, tokens, kind: str, visible=None, speculative: bool = False,
-              lazy_source: bool = True, context=None):
+              lazy_source: bool = True, context=None, report: bool = True, choice=None):
         """Feed ``tokens`` (1-D, or (rows, n)) as one chunk; the last token's logits of
-        every row for a target chunk (shape (rows, vocab)), None for a source chunk."""
+        every row for a target chunk (shape (rows, vocab)), None for a source chunk.
+        ``report=False``: no ``on_forward`` record (the caller reports it later);
+        ``choice``: see :meth:`simulref.cache.StreamState.begin`."""
         import mlx.core as mx
 
         batch = tokens if tokens.ndim == 2 else tokens[None]
         start = self.shared.length
-        self.shared.begin(kind, batch.shape[1], visible=visible)
+        announced = visible
+        if (isinstance(visible, int) and visible == self.shared.n_source
+                and batch.shape[0] == 1):
+            announced = None  # every source token: no mask array (the n = 1 fast path)
+        self.shared.begin(kind, batch.shape[1], visible=announced, choice=choice)
         if kind == SOURCE:
             self.model(batch, cache=self.caches)  # only the cache is wanted: stays lazy
             if not lazy_source:
@@ -176,7 +185,7 @@ class _Engine:
             logits = None
         else:
             logits = self._last_logits(batch)
-        if self.on_forward is not None:
+        if self.on_forward is not None and report:
             rows = None if visible is None else tuple(int(v) for v in
                                                       _last_column(visible, batch))
             shown = None if logits is None else (logits[0] if logits.shape[0] == 1 else logits)
@@ -253,7 +262,8 @@ class IncrementalEngine(_Engine):
         self.stale = False
         return self.ahead.set(y)
 
-    def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
+    def accept(self, token: int, speculate: bool, may_read: bool = True,
+               forecast=None) -> None:
         self.fed.append(token)
         self.ahead.advance(self._feed_targets, token, speculate)
 
@@ -382,8 +392,103 @@ class ReencodeEngine(IncrementalEngine):
         return self._feed_targets(self.fed)
 
 
+# What the loop does with a sampled token (see :class:`Forecast`).
+FEED = "feed"  # it joins the target: the engine feeds it next
+READ_FIRST = "read"  # a source word is read first (the token is dropped or starts a word)
+FINISH = "finish"  # the run ends there
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What the loop will do with the token sampled after the one it accepts, for every
+    value that token may take: told with ``accept`` so that the prefilled engine can
+    feed the next step before the host knows the token (pipelining) and feed the right
+    alternative (the token and budget a read would give) without waiting for it.
+
+    It restates the loop's rules (:meth:`simulref.decoder._Run.events`): EOS ends the run
+    or is dropped and a word read; a token that opens a word when the word has content,
+    or any token once the word holds ``max_tokens_per_word``, ends the word, after which
+    the run finishes (words limit), reads (policy) or writes on. A wrong forecast costs
+    time, never a different trace: the engine checks what the loop did before it keeps a
+    step fed ahead.
+    """
+
+    content: bool  # the word so far has non-space text
+    cut: bool  # the word is full: the next token ends it whatever it is
+    source_done: bool
+    eos_reads: bool  # EOS is dropped and a word read (else the run ends)
+    word_end: str  # FEED, READ_FIRST or FINISH: what follows a word that ends with text
+    room: bool  # one more token fits in the context
+    table: object  # the tokenizer's TokenTable
+    eos: frozenset
+
+    def outcome(self, token: int) -> str:
+        if token in self.eos:
+            return READ_FIRST if self.eos_reads else FINISH
+        if self.cut:
+            if self.source_done:
+                return FINISH
+            return self.word_end if self.content else READ_FIRST  # a blank run reads on
+        if self.content and self.table.opens_word(token):
+            return self.word_end
+        return FEED
+
+    def reads(self, tokens, opens, eos):
+        """:meth:`outcome` is READ_FIRST, on the device: ``tokens`` a lazy (1,) array,
+        ``opens``/``eos`` per-token bool arrays."""
+        import mlx.core as mx
+
+        at_eos = eos[tokens]
+        if self.cut:
+            other = not self.source_done and (not self.content or self.word_end == READ_FIRST)
+            ends = mx.full(at_eos.shape, other, dtype=mx.bool_)
+        else:
+            ends = mx.logical_and(opens[tokens], self.content and self.word_end == READ_FIRST)
+        return mx.where(at_eos, mx.array(self.eos_reads), ends)
+
+
+@dataclass
+class _Step:
+    """A target forward: the lazy token sampled from row 0 (shape (1,)), row 1's lazy
+    logits (two-budget rows) or None, their budgets, and (a step fed ahead) the record
+    for ``on_forward``, reported once the step is queued."""
+
+    y: object
+    alt_logits: object = None
+    budget: int = 0
+    alt_budget: int | None = None
+    record: Forward | None = None
+
+
+@dataclass
+class _Ahead:
+    """A step fed before the host knew the token it feeds (pipelined prefilled engine):
+    row 0's sample, or, when ``after_read`` (the loop will read one word first), row 1's
+    sample at the next budget, with the entry below it switched to row 1's. Chosen on the
+    device (``read_first``); ``token`` and ``after_read`` are filled in once the host
+    knows. ``dispatched``: queued for computation (not when the run ends there)."""
+
+    step: _Step
+    read_first: object = None
+    alt_token: object = None
+    token: int = -1
+    after_read: bool = False
+    dispatched: bool = False
+
+
 class PrefilledEngine(_Engine):
-    """The whole source prefilled at the start; reads move a budget; two-budget rows."""
+    """The whole source prefilled at the start; reads move a budget; two-budget rows.
+
+    With a model whose RoPE takes one offset per row, the first forward also carries the
+    assistant header (:func:`simulref.cache.lane_plan`), so the first target token costs
+    no forward of its own. With greedy sampling the steps are pipelined: while the host
+    waits for a token, the step that feeds it is already built, and it is queued as soon
+    as the token is known, unless the run ends there. While a read may follow, that step
+    feeds row 0's token (no read) or row 1's (one read: the budget moves on) and keeps the
+    matching entry of the step below it, chosen on the device from the token and the
+    loop's :class:`Forecast`. A sampler keeps the twin's order of draws: then nothing is
+    fed ahead while a read may follow.
+    """
 
     name = "prefilled"
 
@@ -393,17 +498,28 @@ class PrefilledEngine(_Engine):
                          sampler=sampler, on_forward=on_forward)
         self.word_ids = [list(ids) for ids in word_ids]  # the last with the suffix
         self.ends: list[int] = []  # ends[r]: source tokens of the prefix and r words
+        self.source_ids: list[int] | None = None  # not fed yet: it goes in with the header
         self.read_count = 0
         self.fed: list[int] = []  # target tokens in the cache
         self.slot_budgets: list[int] = []  # per target slot: the budget its entry saw
-        self.ahead = Lookahead()  # fed ahead only once the source is done
         self.alt = None  # (lazy logits of row r + 1, its budget) of the last forward
         self.kept_row: int | None = None  # row to keep of the last multi-row forward
         self.reads_since_sample = 0
+        self.pipelined = self.greedy
+        self.ahead = Lookahead()  # (a sampler) fed ahead only once the source is done
+        self.token: int | None = None  # (pipelined) the token the loop peeks at next
+        self.fed_ahead: _Ahead | None = None  # (pipelined) the step fed before it was known
+        self.tables = None  # (pipelined) per-token bools on the device: opens a word, EOS
+        # Rows with their own masks and offsets (two budgets, lanes) need attention that
+        # takes a (rows, 1, queries, keys) mask: mlx-lm's llama, qwen2 and qwen3 do (gemma2
+        # reshapes queries per KV head group, which such a mask does not fit). Other
+        # models feed one row and re-feed after a read.
+        self.row_masks = self.split is not None and supports_row_offsets(model)
 
     @property
     def budget(self) -> int:
         return self.ends[self.read_count]
+
     # -- the loop's calls
 
     def start(self, prefix_ids: Sequence[int]) -> None:
@@ -414,54 +530,224 @@ class PrefilledEngine(_Engine):
         for word in self.word_ids:
             ids += word
             self.ends.append(len(ids))
-        self._call(mx.array(ids, dtype=mx.int32), SOURCE)
+        if self.row_masks:
+            self.source_ids = ids  # fed with the header, in lanes, at the first write
+        else:
+            self._call(mx.array(ids, dtype=mx.int32), SOURCE)
 
     def read(self, ids: Sequence[int]) -> None:
         self.read_count += 1
         if not self.fed:
             return  # the header is not in yet: it will see this budget
-        if self.reads_since_sample == 0:
+        if not self.pipelined and self.reads_since_sample == 0:
             if self.ahead.in_cache:  # the speculative step saw the old budget: drop it
                 self._trim_target(1)
             self.ahead.clear()
         self.reads_since_sample += 1
 
     def peek(self, may_read: bool = True) -> int:
-
-        if self.ahead.token is not None:
-            return self.ahead.token
         if not self.fed:
             header = self._header()
             self.shared.start_target_group(self.budget)
             self.fed.extend(header)
-            y = self._feed(header, may_read)
-        elif self.reads_since_sample == 0:
+            if self.source_ids is not None:
+                ids, self.source_ids = self.source_ids, None
+                step = self._prefill(ids, header)
+            else:
+                step = self._feed(header, may_read)
+            self.reads_since_sample = 0
+            if self.pipelined:
+                self.token = step.y.item()
+                return self.token
+            return self.ahead.set(step.y)
+        if not self.pipelined:
+            return self._peek_one_at_a_time(may_read)
+        if self.reads_since_sample == 0:
+            if self.token is None:
+                raise AssertionError("decoder: no pending token although no source was read")
+            return self.token
+        reads, self.reads_since_sample = self.reads_since_sample, 0
+        ahead, self.fed_ahead = self.fed_ahead, None
+        if ahead is not None and ahead.after_read and reads == 1:
+            self._keep_ahead(ahead)
+            ahead.after_read = False  # the read came: the step fed the token to accept
+            self.fed_ahead = ahead
+            self.token = ahead.token
+            return self.token
+        if ahead is not None:
+            self._drop_ahead()
+        self.token = self._after_reads(reads, may_read).y.item()
+        return self.token
+
+    def accept(self, token: int, speculate: bool, may_read: bool = True,
+               forecast: Forecast | None = None) -> None:
+        if not self.pipelined:
+            self.fed.append(token)
+            # Fed ahead only once no read can follow: a step fed ahead while a read may
+            # follow would settle the rows of the step below it too early.
+            self.ahead.advance(
+                lambda ids, speculative=False: self._feed(ids, may_read,
+                                                          speculative=speculative).y,
+                token, speculate and not may_read)
+            return
+        import mlx.core as mx
+
+        self.fed.append(token)
+        self.token = None
+        ahead, self.fed_ahead = self.fed_ahead, None
+        if ahead is not None and not ahead.after_read and ahead.token == token:
+            self._keep_ahead(ahead)
+            step = ahead.step
+        else:
+            ids = [token]
+            if ahead is not None:
+                self._drop_ahead()
+                if ahead.after_read:  # the entry below it took row 1's budget: redo it
+                    self._trim_target(1)
+                    ids = self.fed[-2:]
+            step = self._feed(ids, may_read)
+            mx.async_eval(step.y)
+        if forecast is None or not forecast.room:
+            self.token = step.y.item()
+            return
+        ahead = self.fed_ahead = self._feed_ahead(step, forecast)
+        if ahead.read_first is None:
+            self.token = step.y.item()
+            ahead.token = self.token
+        else:
+            mx.eval(step.y, ahead.read_first, ahead.alt_token)
+            self.token = step.y.item()
+            ahead.after_read = bool(ahead.read_first.item())
+            ahead.token = ahead.alt_token.item() if ahead.after_read else self.token
+            if ahead.after_read:  # the entry below it and this step saw one word more
+                self.slot_budgets[-2] = self.ends[self.read_count + 1]
+                budget, alt_budget = self._budgets(self.read_count + 1)
+                ahead.step.budget = self.slot_budgets[-1] = budget
+                # (no word left after that read: row 1 saw what row 0 saw)
+                ahead.step.alt_budget = budget if alt_budget is None else alt_budget
+        outcome = forecast.outcome(self.token)
+        if outcome != FINISH and (outcome == READ_FIRST) == ahead.after_read:
+            self._dispatch(ahead)
+
+    # -- pipelined steps
+
+    def _feed_ahead(self, step: _Step, forecast: Forecast) -> _Ahead:
+        """Build (not queue) the step that feeds the token ``step`` samples. With two
+        rows, whether the loop reads first is decided on the device: it picks the token
+        (row 0's or row 1's sample), the entry below it and the budgets."""
+        import mlx.core as mx
+
+        if step.alt_logits is None:
+            self._settle()
+            return _Ahead(self._feed(step.y, False, speculative=True, report=False))
+        opens, eos = self._device_tables(forecast, step.alt_logits.shape[-1])
+        read_first = forecast.reads(step.y, opens, eos)
+        alt_token = mx.argmax(step.alt_logits[None], axis=-1)
+        for cache in self.caches:
+            cache.keep_where(read_first)
+        self.kept_row = None
+        tokens = mx.where(read_first, alt_token, step.y).astype(mx.int32)
+        return _Ahead(self._feed(tokens, True, speculative=True, report=False,
+                                 read_first=read_first), read_first, alt_token)
+
+    def _dispatch(self, ahead: _Ahead) -> None:
+        """Queue a step fed ahead (and report it)."""
+        import mlx.core as mx
+
+        if ahead.dispatched:
+            return
+        ahead.dispatched = True
+        step = ahead.step
+        mx.async_eval(step.y if step.alt_logits is None else [step.y, step.alt_logits])
+        if self.on_forward is not None:
+            record = step.record
+            visible = ((step.budget,) if step.alt_logits is None
+                       else (step.budget, step.alt_budget))
+            self.on_forward(Forward(record.start, mx.array([ahead.token], dtype=mx.int32),
+                                    record.positions, TARGET, record.logits, True, visible,
+                                    tuple(self.slot_budgets[:-1])))
+
+    def _keep_ahead(self, ahead: _Ahead) -> None:
+        self._dispatch(ahead)
+        step = ahead.step
+        if step.alt_logits is not None:
+            self.alt, self.kept_row = (step.alt_logits, step.alt_budget), 0
+        else:
+            self.alt, self.kept_row = None, None
+
+    def _drop_ahead(self) -> None:
+        """Forget the step fed ahead (its slot). The entry below it holds the row the
+        device chose, so the last forward's alternative row is gone."""
+        self._trim_target(1)
+        self.alt = None
+
+    def _device_tables(self, forecast: Forecast, vocab: int):
+        import mlx.core as mx
+        import numpy as np
+
+        if self.tables is None or self.tables[0].shape[0] != vocab:
+            starts = np.zeros(vocab, dtype=bool)
+            table = np.asarray(forecast.table.starts[:vocab], dtype=bool)
+            starts[: table.shape[0]] = table
+            eos = np.zeros(vocab, dtype=bool)
+            eos[[t for t in forecast.eos if 0 <= t < vocab]] = True
+            self.tables = (mx.array(starts), mx.array(eos))
+        return self.tables
+
+    # -- one step at a time (a sampler)
+
+    def _peek_one_at_a_time(self, may_read: bool) -> int:
+        if self.ahead.token is not None:
+            return self.ahead.token
+        if self.reads_since_sample == 0:
             raise AssertionError("decoder: no pending token although no source was read")
-        elif (self.reads_since_sample == 1 and self.alt is not None
-              and self.alt[1] == self.budget):
-            # Row r + 1 of the last forward saw exactly this budget: take its token and
-            # keep its cache entry.
+        step = self._after_reads(self.reads_since_sample, may_read)
+        self.reads_since_sample = 0
+        return self.ahead.set(step.y)
+
+    def _after_reads(self, reads: int, may_read: bool) -> _Step:
+        """The token after ``reads`` words read since the last sample: row 1's when it saw
+        exactly this budget (take its token, keep its cache entry), else the last target
+        token fed again at the new budget."""
+        if reads == 1 and self.alt is not None and self.alt[1] == self.budget:
             logits, budget = self.alt
             self.kept_row, self.alt = 1, None
             self.slot_budgets[-1] = budget
-            y = self._sample(logits[None])
-        else:
-            # More than one read since the last target token (or no second row): feed it
-            # again at the new budget.
-            self._trim_target(1)
-            y = self._feed(self.fed[-1:], may_read)
-        self.reads_since_sample = 0
-        return self.ahead.set(y)
-
-    def accept(self, token: int, speculate: bool, may_read: bool = True) -> None:
-        self.fed.append(token)
-        # Pipelining only once no read can follow: a step fed ahead while a read may
-        # follow would settle the rows of the step below it too early.
-        self.ahead.advance(
-            lambda ids, speculative=False: self._feed(ids, may_read, speculative=speculative),
-            token, speculate and not may_read)
+            return _Step(self._sample(logits[None]))
+        self._trim_target(1)
+        return self._feed(self.fed[-1:], may_read)
 
     # -- model calls
+
+    def _prefill(self, ids: list[int], header: list[int]) -> _Step:
+        """The first forward: the whole source and the header, in lanes; the header's
+        queries see the budget."""
+        import mlx.core as mx
+        import numpy as np
+
+        budget = self.budget
+        plan = lane_plan(len(ids), len(header), self.shared.target_start, budget)
+        tokens = np.asarray(ids + header, dtype=np.int32)
+        slots = np.asarray(plan.slots)
+        batch = mx.array(np.where(slots >= 0, tokens[np.maximum(slots, 0)], 0))
+        self.shared.begin_lanes(plan)
+        lane, col = plan.last
+        if self.split is None:
+            logits = self.model(batch, cache=self.caches)[lane : lane + 1, col, :]
+        else:
+            body, head = self.split
+            logits = head(body(batch, cache=self.caches)[lane : lane + 1, col : col + 1, :])
+            logits = logits[:, -1, :]
+        if self.on_forward is not None:
+            source_positions, header_positions = self.shared.positions()
+            self.on_forward(Forward(0, mx.array(ids, dtype=mx.int32), source_positions,
+                                    SOURCE, None))
+            self.on_forward(Forward(len(ids), mx.array(header, dtype=mx.int32),
+                                    header_positions, TARGET, logits[0], visible=(budget,),
+                                    context=(), fused=True))
+        self.slot_budgets.extend([budget] * len(header))
+        self.alt = None
+        return _Step(self._sample(logits), budget=budget)
 
     def _settle(self) -> None:
         """Before the cache changes again: every row holds the kept row's last entry."""
@@ -475,29 +761,49 @@ class PrefilledEngine(_Engine):
         self._trim(n)
         del self.slot_budgets[len(self.slot_budgets) - n:]
 
-    def _feed(self, ids, may_read: bool, speculative: bool = False):
+    def _budgets(self, read_count: int) -> tuple[int, int | None]:
+        """Row 0's budget after ``read_count`` words and row 1's (one word more), None
+        when no word is left."""
+        nxt = read_count + 1
+        return self.ends[read_count], (self.ends[nxt] if nxt < len(self.ends) else None)
+
+    def _feed(self, ids, may_read: bool, speculative: bool = False, report: bool = True,
+              read_first=None) -> _Step:
         """Feed target tokens at the current budget; with ``may_read`` (and a word left to
-        read) also in a second row whose last token sees one more word. Returns the lazy
-        token sampled from row 0; row 1's logits wait in ``self.alt``."""
+        read) also in a second row whose last token sees one more word. ``read_first`` (a
+        lazy bool, a step fed ahead): both rows see one word more when it holds."""
         import mlx.core as mx
         import numpy as np
 
         self._settle()
         tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
         n = tokens.shape[0]
-        budget = self.budget
-        two = may_read and self.read_count + 1 < len(self.ends)
+        budget, alt_budget = self._budgets(self.read_count)
+        two = may_read and alt_budget is not None and self.row_masks
         context = tuple(self.slot_budgets) if self.on_forward is not None else None
         if two:
             visible = np.full((2, n), budget, dtype=np.int64)
-            visible[1, -1] = self.ends[self.read_count + 1]
+            visible[1, -1] = alt_budget
+            if read_first is None:
+                choice = None
+            else:  # the budgets one read later (row 1 past the last word sees them all)
+                later = self._budgets(self.read_count + 1)
+                other = np.full((2, n), later[0], dtype=np.int64)
+                other[1, -1] = later[1] if later[1] is not None else later[0]
+                choice = (read_first, other)
             logits = self._call(mx.broadcast_to(tokens[None], (2, n)), TARGET,
-                                visible=visible, speculative=speculative, context=context)
-            self.alt = (logits[1], int(visible[1, -1]))
+                                visible=visible, speculative=speculative, context=context,
+                                report=report, choice=choice)
+            step = _Step(self._sample(logits[:1]), logits[1], budget, alt_budget)
+            self.alt = (logits[1], alt_budget)
             self.kept_row = 0  # unless a read switches it to row 1
         else:
             logits = self._call(tokens, TARGET, visible=budget, speculative=speculative,
-                                context=context)
+                                context=context, report=report)
+            step = _Step(self._sample(logits[:1]), None, budget, None)
             self.alt = None
+        if not report:
+            step.record = Forward(self.shared.length - n, tokens, self.shared.positions(),
+                                  TARGET, logits if two else logits[0], speculative)
         self.slot_budgets.extend([budget] * n)
-        return self._sample(logits[:1])
+        return step

@@ -14,6 +14,7 @@ from simulref.cache import (
     TARGET,
     StreamCache,
     StreamState,
+    lane_plan,
     make_stream_cache,
 )
 from simulref.testing import tiny_model
@@ -316,3 +317,144 @@ def test_rows_with_two_budgets_equal_one_row_forwards(arch):
     both_caches[0].shared.begin(TARGET, 1)
     model(mx.array([[3]]), cache=both_caches)
     assert both_caches[0].rows == 1 and both_caches[0].length == 12
+
+
+# ---------------------------------------------------------------- lanes prefill
+
+
+@settings(max_examples=300)
+@given(n_source=st.integers(1, 60), n_header=st.integers(1, 6), data=st.data(),
+       max_lanes=st.integers(2, 5))
+def test_a_lane_plan_covers_every_slot_once_in_runs_of_positions(n_source, n_header, data,
+                                                                 max_lanes):
+    start = data.draw(st.integers(0, n_source + 4), label="header_start")
+    budget = data.draw(st.integers(0, n_source), label="budget")
+    plan = lane_plan(n_source, n_header, start, budget, max_lanes=max_lanes)
+    slots = np.asarray(plan.slots)
+    assert slots.shape == (len(plan.offsets), plan.width) and len(plan.offsets) <= max_lanes
+    total = n_source + n_header
+    assert sorted(slots[slots >= 0].tolist()) == list(range(total))
+    position_of = {s: s for s in range(n_source)}
+    position_of.update({n_source + i: start + i for i in range(n_header)})
+    for lane, row in enumerate(slots):
+        real = row[row >= 0]
+        assert (row[len(real):] < 0).all()  # pads on the right only
+        # RoPE gives a lane consecutive positions from its offset.
+        assert [position_of[s] for s in real] == list(range(plan.offsets[lane],
+                                                            plan.offsets[lane] + len(real)))
+    lane, col = plan.last
+    assert slots[lane, col] == total - 1
+    # No more padding than one lane per run of positions needs at that width.
+    assert slots.size - total < len(plan.offsets) * plan.width
+    runs = 1 if start == n_source else 2
+    assert len(plan.offsets) >= runs
+
+
+@settings(max_examples=100)
+@given(n_source=st.integers(1, 30), n_header=st.integers(1, 5), data=st.data())
+def test_a_lane_plan_mask_is_the_slot_model_of_source_then_header(n_source, n_header, data):
+    start = data.draw(st.integers(0, n_source + 3), label="header_start")
+    budget = data.draw(st.integers(0, n_source), label="budget")
+    plan = lane_plan(n_source, n_header, start, budget)
+    mask = plan.mask()
+    total = n_source + n_header
+    for lane, row in enumerate(plan.slots):
+        for col, slot in enumerate(row):
+            if slot < 0:
+                expected = np.arange(total) == 0
+            elif slot < n_source:  # source: causal over the source
+                expected = np.arange(total) <= slot
+            else:  # header: the budget, then the header up to itself
+                expected = (np.arange(total) < budget) | (
+                    (np.arange(total) >= n_source) & (np.arange(total) <= slot))
+            np.testing.assert_array_equal(mask[lane, col], expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("start, budget", [(7, 7), (3, 5), (12, 12), (0, 4), (15, 9)])
+def test_a_lanes_prefill_equals_a_source_then_a_header_forward(arch, start, budget):
+    """Source and header in one forward of several lanes: the header's last logits and
+    every key and value equal those of two one-row forwards (the source, then the header
+    at its budget)."""
+    model = tiny_model(arch)
+    source, header = [5, 9, 14, 3, 22, 8, 30, 11, 2, 19, 7, 26], [40, 41, 42]
+    plan = lane_plan(len(source), len(header), start, budget)
+    assert len(plan.offsets) > 1 or start == len(source)
+
+    lanes = make_stream_cache(model, target_start=start)
+    lanes[0].shared.begin_lanes(plan)
+    ids = np.asarray(source + header)
+    slots = np.asarray(plan.slots)
+    out = model(mx.array(np.where(slots >= 0, ids[np.maximum(slots, 0)], 0)), cache=lanes)
+    lane, col = plan.last
+
+    plain = make_stream_cache(model, target_start=start)
+    plain[0].shared.begin(SOURCE, len(source))
+    model(mx.array([source]), cache=plain)
+    plain[0].shared.begin(TARGET, len(header), visible=budget)
+    expected = model(mx.array([header]), cache=plain)[0, -1]
+    np.testing.assert_allclose(np.array(out[lane, col]), np.array(expected), atol=1e-5)
+    for a, b in zip(lanes, plain, strict=True):
+        assert a.length == b.length == len(source) + len(header)
+        np.testing.assert_allclose(np.array(a.keys[:1, :, : a.length]),
+                                   np.array(b.keys[:1, :, : b.length]), atol=1e-5)
+        np.testing.assert_allclose(np.array(a.values[:1, :, : a.length]),
+                                   np.array(b.values[:1, :, : b.length]), atol=1e-5)
+    assert lanes[0].shared.positions() == (tuple(range(len(source))),
+                                           tuple(range(start, start + len(header))))
+
+
+def test_lanes_need_an_empty_group_cache():
+    plan = lane_plan(4, 2, 4, 4)
+    with pytest.raises(ValueError, match="group"):
+        StreamState("interleaved").begin_lanes(plan)
+    state = StreamState("group")
+    state.begin(SOURCE, 2)
+    with pytest.raises(RuntimeError, match="empty"):
+        state.begin_lanes(plan)
+    with pytest.raises(ValueError, match="header at 4"):
+        StreamState("group", target_start=0).begin_lanes(plan)
+    with pytest.raises(ValueError, match="source and a header"):
+        lane_plan(0, 2, 0, 0)
+    with pytest.raises(ValueError, match="max_lanes"):
+        lane_plan(4, 2, 4, 4, max_lanes=1)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_choice_on_the_device_picks_the_budgets_and_the_kept_row(flag):
+    """A step fed before the host knows whether a read comes first: keep_where() and the
+    choice of budgets made from a lazy flag equal keep(row) and those budgets."""
+    model = tiny_model("llama")
+    source = mx.array([[5, 9, 14, 3, 22, 8, 30, 11, 2]])
+
+    def run(choose):
+        caches = make_stream_cache(model)
+        shared = caches[0].shared
+        shared.begin(SOURCE, 9)
+        model(source, cache=caches)
+        shared.start_target_group(4)
+        shared.begin(TARGET, 1, visible=[[4], [6]])
+        model(mx.array([[17], [17]]), cache=caches)
+        out = choose(caches, shared)
+        return caches, out[:, -1]
+
+    def on_device(caches, shared):
+        lazy = mx.array([flag])
+        for cache in caches:
+            cache.keep_where(lazy)
+        shared.begin(TARGET, 1, visible=[[4], [6]], choice=(lazy, [[6], [8]]))
+        return model(mx.array([[3], [3]]), cache=caches)
+
+    def on_host(caches, shared):
+        for cache in caches:
+            cache.keep(int(flag))
+        shared.begin(TARGET, 1, visible=[[6], [8]] if flag else [[4], [6]])
+        return model(mx.array([[3], [3]]), cache=caches)
+
+    (a_caches, a), (b_caches, b) = run(on_device), run(on_host)
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+    for x, y in zip(a_caches, b_caches, strict=True):
+        np.testing.assert_allclose(np.array(x.keys[:, :, :11]), np.array(y.keys[:, :, :11]),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="choice: expected budgets of shape"):
+        StreamState("group").begin(TARGET, 1, visible=0, choice=(mx.array([True]), [[0], [0]]))
