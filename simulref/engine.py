@@ -575,7 +575,7 @@ class PrefilledEngine(_Engine):
             self.token = ahead.token
             return self.token
         if ahead is not None:
-            self._drop_ahead()
+            self._drop_ahead(ahead)
         self.token = self._after_reads(reads, may_read).y.item()
         return self.token
 
@@ -601,7 +601,7 @@ class PrefilledEngine(_Engine):
         else:
             ids = [token]
             if ahead is not None:
-                self._drop_ahead()
+                self._drop_ahead(ahead)
                 if ahead.after_read:  # the entry below it took row 1's budget: redo it
                     self._trim_target(1)
                     ids = self.fed[-2:]
@@ -675,9 +675,12 @@ class PrefilledEngine(_Engine):
         else:
             self.alt, self.kept_row = None, None
 
-    def _drop_ahead(self) -> None:
+    def _drop_ahead(self, ahead: _Ahead) -> None:
         """Forget the step fed ahead (its slot). The entry below it holds the row the
-        device chose, so the last forward's alternative row is gone."""
+        device chose, so the last forward's alternative row is gone. A step never queued
+        is computed all the same (the cache's later versions are built on its writes), so
+        it is queued and reported here: ``on_forward`` sees every forward that runs."""
+        self._dispatch(ahead)
         self._trim_target(1)
         self.alt = None
 
