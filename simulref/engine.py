@@ -474,6 +474,8 @@ class _Ahead:
     token: int = -1
     after_read: bool = False
     dispatched: bool = False
+    eos: bool = False  # it fed an EOS (row 1's token can be one): the loop never keeps it
+    context: tuple = ()  # the budgets the target slots below it saw (for on_forward)
 
 
 class PrefilledEngine(_Engine):
@@ -510,6 +512,7 @@ class PrefilledEngine(_Engine):
         self.token: int | None = None  # (pipelined) the token the loop peeks at next
         self.fed_ahead: _Ahead | None = None  # (pipelined) the step fed before it was known
         self.tables = None  # (pipelined) per-token bools on the device: opens a word, EOS
+        self.orphan: _Ahead | None = None  # (pipelined) dropped unqueued; see peek()
         # Rows with their own masks and offsets (two budgets, lanes) need attention that
         # takes a (rows, 1, queries, keys) mask: mlx-lm's llama, qwen2 and qwen3 do (gemma2
         # reshapes queries per KV head group, which such a mask does not fit). Other
@@ -569,6 +572,15 @@ class PrefilledEngine(_Engine):
         reads, self.reads_since_sample = self.reads_since_sample, 0
         ahead, self.fed_ahead = self.fed_ahead, None
         if ahead is not None and ahead.after_read and reads == 1:
+            if ahead.eos:
+                # Row 1's token is an EOS: the loop never feeds it. Its step leaves the
+                # cache unqueued; if the run goes on, the next forward computes it anyway
+                # (its writes are under the cache's later versions) and reports it then.
+                self._trim_target(1)
+                self.alt = None
+                self.orphan = None if ahead.dispatched else ahead
+                self.token = ahead.token
+                return self.token
             self._keep_ahead(ahead)
             ahead.after_read = False  # the read came: the step fed the token to accept
             self.fed_ahead = ahead
@@ -619,14 +631,17 @@ class PrefilledEngine(_Engine):
             self.token = step.y.item()
             ahead.after_read = bool(ahead.read_first.item())
             ahead.token = ahead.alt_token.item() if ahead.after_read else self.token
+            ahead.eos = ahead.token in forecast.eos
             if ahead.after_read:  # the entry below it and this step saw one word more
                 self.slot_budgets[-2] = self.ends[self.read_count + 1]
                 budget, alt_budget = self._budgets(self.read_count + 1)
                 ahead.step.budget = self.slot_budgets[-1] = budget
                 # (no word left after that read: row 1 saw what row 0 saw)
                 ahead.step.alt_budget = budget if alt_budget is None else alt_budget
+        ahead.context = tuple(self.slot_budgets[:-1])
         outcome = forecast.outcome(self.token)
-        if outcome != FINISH and (outcome == READ_FIRST) == ahead.after_read:
+        if (outcome != FINISH and (outcome == READ_FIRST) == ahead.after_read
+                and not ahead.eos):
             self._dispatch(ahead)
 
     # -- pipelined steps
@@ -665,7 +680,7 @@ class PrefilledEngine(_Engine):
                        else (step.budget, step.alt_budget))
             self.on_forward(Forward(record.start, mx.array([ahead.token], dtype=mx.int32),
                                     record.positions, TARGET, record.logits, True, visible,
-                                    tuple(self.slot_budgets[:-1])))
+                                    ahead.context))
 
     def _keep_ahead(self, ahead: _Ahead) -> None:
         self._dispatch(ahead)
@@ -778,6 +793,9 @@ class PrefilledEngine(_Engine):
         import mlx.core as mx
         import numpy as np
 
+        if self.orphan is not None:
+            orphan, self.orphan = self.orphan, None
+            self._dispatch(orphan)
         self._settle()
         tokens = ids if isinstance(ids, mx.array) else mx.array(ids, dtype=mx.int32)
         n = tokens.shape[0]
