@@ -43,6 +43,7 @@ widest chunk fed; rows agree on every slot but those of the last chunk until
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -369,8 +370,10 @@ class LanePlan:
     offsets: tuple[int, ...]
     last: tuple[int, int]
 
-    def pieces(self):
-        """``(lane, first column, first slot, count)`` runs of consecutive slots."""
+    @cached_property
+    def pieces(self) -> tuple[tuple[int, int, int, int], ...]:
+        """``(lane, first column, first slot, count)`` runs of consecutive slots (every
+        layer writes them: computed once)."""
         out = []
         for lane, row in enumerate(self.slots):
             col = 0
@@ -505,39 +508,32 @@ class StreamCache:
 
     def _fused_update(self, keys, values):
         """A fused read: row 0's keys are the source chunk's, row 1's last key is the
-        target token's. Both go into the one chronological buffer (source slots, then the
-        target slot); both rows get the whole buffer back."""
-        import mlx.core as mx
-
+        target token's: the source slots, then the target slot."""
         m, prev = keys.shape[2], self.length
-        if self.rows > 1:
-            self.keys, self.values = self.keys[:1], self.values[:1]
-        self._reserve(prev + m + 1, keys, values)
-        self.keys[..., prev : prev + m, :] = keys[:1]
-        self.values[..., prev : prev + m, :] = values[:1]
-        self.keys[..., prev + m : prev + m + 1, :] = keys[1:2, :, m - 1 : m]
-        self.values[..., prev + m : prev + m + 1, :] = values[1:2, :, m - 1 : m]
-        self.length = prev + m + 1
-        k, v = self.keys[..., : self.length, :], self.values[..., : self.length, :]
-        return mx.broadcast_to(k, (2, *k.shape[1:])), mx.broadcast_to(v, (2, *v.shape[1:]))
+        return self._scatter(keys, values, ((0, 0, prev, m), (1, m - 1, prev + m, 1)))
 
     def _lanes_update(self, keys, values, plan: LanePlan):
-        """A lanes prefill: each lane's columns go to their slots of the one buffer (pads
-        nowhere); every lane gets the whole buffer back."""
+        """A lanes prefill: each lane's columns go to their slots (pads nowhere)."""
+        return self._scatter(keys, values, plan.pieces)
+
+    def _scatter(self, keys, values, pieces):
+        """Write a multi-row chunk into the one chronological buffer: ``pieces`` are
+        ``(row, first column, first slot, count)`` runs, which must fill the slots after
+        the buffer's; every row gets the whole buffer back (their masks tell them apart)."""
         import mlx.core as mx
 
-        total = plan.n_source + plan.n_header
+        total = self.length + sum(count for *_, count in pieces)
         if self.rows > 1:
             self.keys, self.values = self.keys[:1], self.values[:1]
         self._reserve(total, keys[:1], values[:1])
-        for lane, col, slot, count in plan.pieces():
-            self.keys[..., slot : slot + count, :] = keys[lane : lane + 1, :, col : col + count]
-            self.values[..., slot : slot + count, :] = values[lane : lane + 1, :,
+        for row, col, slot, count in pieces:
+            self.keys[..., slot : slot + count, :] = keys[row : row + 1, :, col : col + count]
+            self.values[..., slot : slot + count, :] = values[row : row + 1, :,
                                                               col : col + count]
         self.length = total
         k, v = self.keys[..., :total, :], self.values[..., :total, :]
-        lanes = keys.shape[0]
-        return mx.broadcast_to(k, (lanes, *k.shape[1:])), mx.broadcast_to(v, (lanes, *v.shape[1:]))
+        rows = keys.shape[0]
+        return mx.broadcast_to(k, (rows, *k.shape[1:])), mx.broadcast_to(v, (rows, *v.shape[1:]))
 
     def _reserve(self, total: int, keys, values) -> None:
         """Room for ``total`` slots, grown in steps (no per-token concatenation)."""

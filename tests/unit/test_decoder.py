@@ -730,6 +730,36 @@ def test_greedy_sampler_object_is_the_default_path():
     assert c.settings.option("sampler") == "custom"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("seed, k, eos_pick", [(11, 1, None), (12, 2, None), (13, 3, None),
+                                               (14, 2, 4), (15, 1, 9)])
+def test_a_seeded_sampler_gives_the_twins_trace_with_every_engine(arch, seed, k, eos_pick):
+    """With a sampler the prefilled engine steps one token at a time (row 1 sampled only
+    when a read uses it, in the twin's order of draws): the same seed gives the twin's
+    trace, and every logit sampled from is the oracle's for its row's budgets. The fused
+    engine on a live source likewise."""
+    from mlx_lm.sample_utils import make_sampler
+
+    tokenizer = tok()
+    if eos_pick is not None:
+        common = frequent_tokens(arch)
+        tokenizer = with_eos(tokenizer, common[eos_pick % len(common)])
+
+    model = model_of(arch)  # (built before seeding: building it draws)
+
+    def run(engine, source, on_forward=None):
+        mx.random.seed(seed)
+        return translate(model, tokenizer, source, k=k, max_new_words=8,
+                         sampler=make_sampler(1.5), engine=engine, on_forward=on_forward)
+
+    twin = untimed(run("incremental", SENTENCE))
+    records = []
+    assert untimed(run("prefilled", SENTENCE, records.append)) == twin
+    assert check_prefilled_against_oracle(oracle_of(arch), records, "auto") >= 1
+    assert any(r.visible is not None and len(r.visible) == 2 for r in records)
+    assert untimed(run("fused", iter(SENTENCE))).events == twin.events
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"k": 0}, ValueError, "k: expected an int >= 1"),
     ({"k": 1.5}, TypeError, "k: expected an int"),
