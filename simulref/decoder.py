@@ -385,22 +385,20 @@ class _Run:
         holds unread source too, but masked: those slots are not part of the sequence)."""
         return self.source_tokens + len(self.engine.fed) + tokens + 1 <= self.context
 
-    def _speculate(self) -> bool:
-        # Feeding the sampled token before looking at it (mx.async_eval pipelining, as
-        # mlx_lm.generate does) pays off unless the token ends up dropped, which happens
-        # when the next word needs a read first; the policy says in advance.
+    def _reads_after_word(self) -> bool:
+        """Whether the policy reads once the word being written is written."""
         return self.policy.decide(self.read, self.written + 1, self.source_done,
-                                  self.source.length) is not READ
+                                  self.source.length) is READ
 
-    def _forecast(self, word_length: int, content: bool) -> Forecast:
+    def _forecast(self, word_length: int, content: bool, reads_after_word: bool,
+                  room: bool) -> Forecast:
         """What this loop will do with the next token, whatever it is (an engine that
         pipelines feeds it ahead by this; see :class:`~simulref.engine.Forecast`)."""
         limit = self._words_limit()
         last_word = limit is not None and self.written + 1 >= limit  # if this one is written
         if last_word:
             word_end = FINISH
-        elif not self.source_done and self.policy.decide(
-                self.read, self.written + 1, False, self.source.length) is READ:
+        elif not self.source_done and reads_after_word:
             word_end = READ_FIRST
         else:
             word_end = FEED
@@ -410,7 +408,7 @@ class _Run:
                         # the words limit may end the run there.
                         eos_reads=not (self.source_done or self.stop_at_first_eos
                                        or (content and last_word)),
-                        word_end=word_end, room=self._fits(1), table=self.table, eos=self.eos)
+                        word_end=word_end, room=room, table=self.table, eos=self.eos)
 
     def _write(self, word: list[int]) -> Write:
         event = Write(self.written, self.table.text(word), tuple(word), time.monotonic())
@@ -498,9 +496,13 @@ class _Run:
                         yield self._write(word)
                     yield Finish(CONTEXT_LIMIT, time.monotonic())
                     return
-                self.engine.accept(token, self._speculate() and self._fits(1),
-                                   not self.source_done,
-                                   forecast=self._forecast(len(word), content))
+                # Feeding the sampled token before looking at it (mx.async_eval
+                # pipelining, as mlx_lm.generate does) pays off unless it ends up dropped,
+                # which happens when the next word needs a read first: the policy says in
+                # advance (the engines that take a forecast decide token by token).
+                reads, room = self._reads_after_word(), self._fits(1)
+                self.engine.accept(token, not reads and room, not self.source_done,
+                                   forecast=self._forecast(len(word), content, reads, room))
 
 
 def known_prompt(template, word_ids, length: int) -> tuple[list[tuple[int, ...]], int]:
