@@ -407,6 +407,7 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
           valid_pairs: Sequence[tuple[str, str]] = (), seed: int = 0,
           steps_per_save: int = 50, max_minutes: float | None = None,
           resume: bool = False, model_name: str = "", data_name: str = "",
+          steps_per_eval: int | None = None,
           on_step: Callable[[Progress], None] | None = None) -> dict:
     """LoRA-train ``model`` on ``pairs`` (``(source, reference)`` strings) and write an
     mlx-lm adapter directory to ``out``; see the module docstring for the modes.
@@ -414,7 +415,11 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     ``k``: the wait-k lag, or several (each pair draws one, seeded). ``max_minutes``
     stops early (after a whole step) and saves. ``resume=True`` continues the checkpoint
     in ``out`` (same settings required; without a checkpoint it starts afresh); without
-    it an existing checkpoint is refused. Returns a summary dict (steps, losses, time).
+    it an existing checkpoint is refused. ``steps_per_eval``: also log the validation
+    loss every N steps (a loss curve; it draws nothing, so it changes no weight).
+    Everything that draws is seeded by ``seed``: the LoRA initialisation, the data order
+    and the k of each pair, so the same call gives bit-identical adapters. Returns a
+    summary dict (steps, losses, time).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -427,7 +432,8 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     for name, value in (("iters", iters), ("batch_size", batch_size),
-                        ("steps_per_save", steps_per_save)):
+                        ("steps_per_save", steps_per_save),
+                        ("steps_per_eval", 1 if steps_per_eval is None else steps_per_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     if not ks or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ks):
@@ -448,6 +454,9 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     examples = make_examples(tokenizer, pairs, mode=mode, ks=ks, system=system, seed=seed)
     valid = make_examples(tokenizer, valid_pairs, mode=mode, ks=ks, system=system,
                           seed=seed + 1)
+    # LoRA's A matrices are drawn from MLX's global generator: seed it, so that the
+    # same seed gives the same adapter (a resumed run loads them from the checkpoint).
+    mx.random.seed(seed)
     add_lora(model, lora)
     optimizer = optim.Adam(learning_rate=lr)
     step = 0
@@ -490,6 +499,10 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
             out_of_time = max_minutes is not None and now - started >= max_minutes * 60
             if step % steps_per_save == 0 or step == iters or out_of_time:
                 save_checkpoint(model, optimizer, out, step, config)
+            if valid and steps_per_eval and step % steps_per_eval == 0 and step < iters \
+                    and not out_of_time:
+                _log(log, {"step": step, "valid_loss": evaluate_loss(model, valid, batch_size,
+                                                                     target_start)})
             if out_of_time:
                 break
         if valid:

@@ -70,9 +70,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="LoRA scale (mlx-lm's 'scale')")
     p.add_argument("--lora-layers", type=positive_int, default=16, metavar="N",
                    help="LoRA on the last N transformer blocks (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="data order and k draws")
+    p.add_argument("--seed", type=int, default=0, help="LoRA initialisation, data order and k draws (the same seed, the same adapter)")
     p.add_argument("--steps-per-save", type=positive_int, default=25, metavar="N",
                    help="checkpoint every N steps (and at the end)")
+    p.add_argument("--steps-per-eval", type=positive_int, default=None, metavar="N",
+                   help="also log the validation loss every N steps (a loss curve)")
     p.add_argument("--max-minutes", type=_positive_number, default=None, metavar="M",
                    help="stop (and save) after the step that passes M minutes")
     p.add_argument("--resume", action="store_true",
@@ -181,6 +183,7 @@ def _train_with_progress(args, model, tokenizer, pairs, valid, lora, system, nam
             target_start=args.target_start, iters=args.iters, batch_size=args.batch_size,
             lr=args.lr, lora=lora, system=system, valid_pairs=valid, seed=args.seed,
             steps_per_save=args.steps_per_save, max_minutes=args.max_minutes,
+            steps_per_eval=args.steps_per_eval,
             resume=args.resume, model_name=name, data_name=data, on_step=on_step)
 
 

@@ -192,8 +192,10 @@ def test_batch_order_is_a_pure_function_of_the_step(n, batch_size, step, seed):
 # --- training ------------------------------------------------------------------------
 
 
-def tiny_train(out, mode="streaming", iters=12, **kwargs):
+def tiny_train(out, mode="streaming", iters=12, draw_before=0, **kwargs):
     model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    for _ in range(draw_before):  # a model loaded from a file leaves the generator anywhere
+        mx.eval(mx.random.uniform(shape=(1,)))
     options = dict(mode=mode, k=[1, 2, 3], iters=iters, batch_size=4, lr=1e-2,
                    valid_pairs=PAIRS, steps_per_save=4,
                    lora=finetune.LoraConfig(rank=4, num_layers=2)) | kwargs
@@ -249,14 +251,38 @@ def test_adapter_loads_with_mlx_lm_load(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     straight, _ = tiny_train(tmp_path / "straight", iters=8)
-    tiny_train(tmp_path / "split", iters=4)
-    resumed, summary = tiny_train(tmp_path / "split", iters=8, resume=True)
+    tiny_train(tmp_path / "split", iters=4, draw_before=3)
+    resumed, summary = tiny_train(tmp_path / "split", iters=8, resume=True, draw_before=5)
     assert summary["start_step"] == 4 and summary["steps"] == 8
-    a = mx.load(str(tmp_path / "straight" / finetune.ADAPTER_FILE))
-    b = mx.load(str(tmp_path / "split" / finetune.ADAPTER_FILE))
+    assert_same_adapter(tmp_path / "straight", tmp_path / "split")
+
+
+def assert_same_adapter(a_dir, b_dir):
+    """Bit-identical adapter weights."""
+    a = mx.load(str(a_dir / finetune.ADAPTER_FILE))
+    b = mx.load(str(b_dir / finetune.ADAPTER_FILE))
     assert sorted(a) == sorted(b)
     for name in a:
-        assert float(mx.abs(a[name] - b[name]).max()) < 1e-5, name
+        assert np.array_equal(np.array(a[name]), np.array(b[name])), name
+
+
+def test_the_same_seed_gives_a_bit_identical_adapter(tmp_path):
+    tiny_train(tmp_path / "a", iters=4, seed=3, draw_before=1)
+    tiny_train(tmp_path / "b", iters=4, seed=3, draw_before=7)  # another generator state
+    assert_same_adapter(tmp_path / "a", tmp_path / "b")
+    tiny_train(tmp_path / "c", iters=4, seed=4)
+    a = mx.load(str(tmp_path / "a" / finetune.ADAPTER_FILE))
+    c = mx.load(str(tmp_path / "c" / finetune.ADAPTER_FILE))
+    assert any(not np.array_equal(np.array(a[n]), np.array(c[n])) for n in a)
+
+
+def test_validation_every_n_steps_is_logged_and_changes_no_weight(tmp_path):
+    tiny_train(tmp_path / "plain", iters=8)
+    tiny_train(tmp_path / "curve", iters=8, steps_per_eval=3)
+    log = [json.loads(line) for line in
+           (tmp_path / "curve" / finetune.LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log if "valid_loss" in r] == [0, 3, 6, 8]
+    assert_same_adapter(tmp_path / "plain", tmp_path / "curve")
 
 
 def test_checkpoint_refuses_other_settings_and_overwrites(tmp_path):
