@@ -374,10 +374,13 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
     latency_ref: dict[str, list[float]] = {}
     latency_hyp: dict[str, list[float]] = {}
     empty = 0
+    schedules = []  # (delays, |X|, |Y|) per sentence with output, for the degeneracy test
     for trace, reference in zip(traces, references, strict=True):
         if not metrics.hypothesis_delays(trace):
             empty += 1
             continue
+        schedules.append(([d for d, _ in metrics.hypothesis_delays(trace)],
+                          len(trace.source_words), len(reference.split())))
         scores = metrics.latency_scores(trace, len(reference.split()),
                                         word_duration=word_duration)
         for key, value in scores.items():
@@ -400,6 +403,8 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
         "chrf": quality.corpus_chrf(hypotheses, references) if indices else float("nan"),
         "latency_reference_length": {k: _mean(v) for k, v in latency_ref.items()},
         "latency_hypothesis_length": {k: _mean(v) for k, v in latency_hyp.items()},
+        # OmniSTEval's SWF, EFSW, DSPTV and "likely degenerate" flag (|Y| = reference).
+        "degeneracy": metrics.degeneracy(schedules),
         "word_duration": word_duration,
         "generated_tokens": tokens,
         "seconds": seconds,
@@ -652,6 +657,7 @@ def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int 
 
 
 TABLE_LATENCY = METRICS
+TABLE_OMNISTEVAL = ("YAAL",)  # OmniSTEval's short-form latency (simulref.metrics.yaal)
 
 
 def results_table(summaries: Sequence[Mapping]):
@@ -659,18 +665,28 @@ def results_table(summaries: Sequence[Mapping]):
     from rich import box
     from rich.table import Table
 
-    table = Table(title="latency in source words (|Y| = reference length); CA-AL in s",
+    table = Table(title="latency in source words (|Y| = reference length); CA-AL, CA-YAAL "
+                  "in s; DSPTV in points (degenerate: |DSPTV| > 20)",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"):
+    for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, *TABLE_OMNISTEVAL, "CA-AL",
+                 "CA-YAAL", "DSPTV", "degenerate", "tok/s"):
         table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
     for s in summaries:
         latency = s["latency_reference_length"]
+        degeneracy = s.get("degeneracy") or {}  # absent from summaries stored before it
         table.add_row(
             s["run"], str(s["sentences"]), _fmt(s["bleu"]), _fmt(s["chrf"]),
             *(_fmt(latency.get(name)) for name in TABLE_LATENCY),
-            _fmt(latency.get("AL_CA")), _fmt(s["tokens_per_s"]),
+            *(_fmt(latency.get(name)) for name in TABLE_OMNISTEVAL),
+            _fmt(latency.get("AL_CA")), _fmt(latency.get("YAAL_CA")),
+            _fmt(degeneracy.get("DSPTV")), _yes_no(degeneracy.get("degenerate")),
+            _fmt(s["tokens_per_s"]),
         )
     return table
+
+
+def _yes_no(flag) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def _fmt(value) -> str:
