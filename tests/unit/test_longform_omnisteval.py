@@ -1,6 +1,7 @@
 """Long-form scoring against OmniSTEval 0.1.10's ``longform`` path, run on our documents.
 
-Each random corpus of documents is written as the files ``omnisteval longform
+Each random corpus of documents is written (``simulref.omnisteval_format.longform_inputs``)
+as the files ``omnisteval longform
 --speech_segmentation seg.json --ref_sentences_file ref.txt --hypothesis_file hyp.jsonl
 --word_level`` reads (the segmentation in source words instead of seconds: offset = the
 sentence's first source word, duration = its word count), loaded with OmniSTEval's own
@@ -25,10 +26,10 @@ omnisteval_resegment = pytest.importorskip("omnisteval.resegment")
 omnisteval_scoring = pytest.importorskip("omnisteval.scoring")
 
 from simulref.longform_metrics import LONG_METRICS, Document, longform_scores, segments  # noqa: E402
+from simulref.omnisteval_format import MILLI as MS  # noqa: E402
+from simulref.omnisteval_format import longform_inputs  # noqa: E402
 
 logging.getLogger("omnisteval").setLevel(logging.ERROR)
-
-MS = 1000  # OmniSTEval reads offsets and durations in seconds and works in ms
 
 
 class SerialPool:
@@ -88,17 +89,7 @@ def documents(draw):
 
 def omnisteval_longform(tmp_path, docs):
     """OmniSTEval's resegmented instances and scores of our documents (its CLI's path)."""
-    segmentation, refs, hyps = [], [], []
-    for n, doc in enumerate(docs):
-        offset = 0
-        for source, reference in zip(doc.sources, doc.references, strict=True):
-            length = len(source.split())
-            segmentation.append({"wav": f"doc{n}.wav", "offset": offset, "duration": length})
-            refs.append(reference)
-            offset += length
-        hyps.append({"source": f"doc{n}.wav", "prediction": " ".join(doc.words),
-                     "delays": [MS * d for d in doc.delays],
-                     "elapsed": [MS * e for e in doc.elapsed]})
+    segmentation, refs, hyps = longform_inputs(docs)
     (tmp_path / "seg.json").write_text(json.dumps(segmentation))
     (tmp_path / "ref.txt").write_text("".join(r + "\n" for r in refs))
     (tmp_path / "hyp.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hyps))

@@ -2,7 +2,8 @@
 
 Each corpus of random traces is scored twice: by ``simulref.evaluate.summarize`` (what
 ``simulref eval`` stores and tabulates) and by OmniSTEval 0.1.10 on the SimulEval-format
-JSON Lines file of the same traces, read with the loader ``omnisteval shortform`` uses
+JSON Lines file of the same traces (``simulref.omnisteval_format.shortform_instance``),
+read with the loader ``omnisteval shortform`` uses
 (``load_shortform_instances``) and scored by ``evaluate_instances(is_longform=False)``,
 its short-form path. Needs ``omnisteval`` (skipped without it).
 """
@@ -22,6 +23,7 @@ omnisteval_scoring = pytest.importorskip("omnisteval.scoring")
 
 from simulref import metrics  # noqa: E402
 from simulref.evaluate import Pair, RunSpec, summarize  # noqa: E402
+from simulref.omnisteval_format import shortform_instance  # noqa: E402
 from simulref.trace import Finish, Read, Settings, Trace, Write  # noqa: E402
 
 logging.getLogger("omnisteval").setLevel(logging.ERROR)
@@ -66,25 +68,10 @@ def sentences(draw):
     return Trace(SETTINGS, tuple(source), tuple(events)), " ".join(f"r{j}" for j in range(y))
 
 
-def simuleval_line(trace: Trace, reference: str) -> dict:
-    """The trace as a line of SimulEval's instances.log (the file OmniSTEval reads):
-    delays and elapsed per target word, in the units of our CA metrics."""
-    hyp = metrics.hypothesis_delays(trace)
-    line = {"prediction": trace.target_text.strip(), "reference": reference,
-            "source_length": len(trace.source_words), "delays": [d for d, _ in hyp]}
-    if hyp:
-        elapsed, duration = metrics.computation_aware_delays(trace, WORD)
-        # OmniSTEval takes one source_length for both clocks: give it CA elapsed in words.
-        line["elapsed"] = [e / WORD for e in elapsed]
-        assert close(duration / WORD, len(trace.source_words))
-    else:
-        line["elapsed"] = []
-    return line
-
-
 def omnisteval_shortform(tmp_path, corpus) -> dict:
     path = tmp_path / "instances.log"
-    path.write_text("".join(json.dumps(simuleval_line(t, r)) + "\n" for t, r in corpus))
+    lines = [shortform_instance(t, r, word_duration=WORD) for t, r in corpus]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     instances = omnisteval_io.load_shortform_instances(
         str(path), None, emission_cu_key="delays", emission_ca_key="elapsed")
     scores, _, _ = omnisteval_scoring.evaluate_instances(
@@ -109,7 +96,7 @@ def test_eval_summary_matches_omnisteval_shortform(tmp_path, corpus):
     ours = summary(corpus)
     latency = ours["latency_reference_length"]
     assert close(latency.get("YAAL", math.nan), theirs["yaal"])
-    # Our CA clock is in seconds, theirs (above) in words: one factor WORD apart.
+    # Our CA clock is in seconds, the file's in source words: one factor WORD apart.
     assert close(latency.get("YAAL_CA", math.nan), WORD * theirs["ca_yaal"])
     for name in ("AL", "LAAL", "AP", "DAL"):  # OmniSTEval's copies of SimulEval's scorers
         assert close(latency[name], theirs[name.lower()]), name
