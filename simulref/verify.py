@@ -36,6 +36,8 @@ from .trace import (
     Event,
     Finish,
     HeaderDisagreement,
+    Hypothesis,
+    Look,
     Read,
     Settings,
     SourceEnd,
@@ -165,6 +167,11 @@ def describe_event(event: Event | None) -> str:
     if isinstance(event, SourceEnd):
         return (f"source end after {event.source_index} word(s) "
                 f"token_ids {list(event.token_ids)}")
+    if isinstance(event, Look):
+        return (f"look after {event.read} word(s) token_ids {list(event.token_ids)} "
+                f"probs {list(event.probs)}")
+    if isinstance(event, Hypothesis):
+        return f"hypothesis after {event.read} word(s) token_ids {list(event.token_ids)}"
     if isinstance(event, Finish):
         return f"finish {_show(event.reason)}"
     return repr(event)
@@ -476,6 +483,8 @@ class _Replay:
                 self.on_blank_run(j, event, after)
             elif isinstance(event, SourceEnd):
                 self.on_source_end(j, event, before)
+            elif isinstance(event, (Look, Hypothesis)):
+                self.on_observation(j, event)
             else:
                 self.on_finish(j, event, before)
         return self.out
@@ -563,6 +572,14 @@ class _Replay:
                      f"once {self.k + self.written} word(s) are read; this attempt to read "
                      "is neither asked for nor forced", event_index=j,
                      expected="write", actual="source end")
+
+    def on_observation(self, j: int, e: Look | Hypothesis) -> None:
+        """A look or a hypothesis names the words read when it was made (what each
+        policy's own rule makes of it: :func:`check_policy`)."""
+        if e.read != self.read:
+            self.add("trace.observation_read", f"a {describe_event(e)} names the number "
+                     "of source words read so far", event_index=j, expected=self.read,
+                     actual=e.read)
 
     def on_dropped_eos(self, j: int, e: DroppedEos, after: Event | None) -> None:
         if self.settings.stop_at_first_eos:
