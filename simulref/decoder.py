@@ -594,6 +594,15 @@ def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None, *
     word_ids = ({} if words.length is None else
                 {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
     context = context_length(model)
+    if is_agreement(config.the_policy()):
+        if make_engine is not None:
+            raise ValueError("policy: LocalAgreement does not run in a batch yet; decode "
+                             "it one sentence at a time")
+        from .agreement import make_agreement_run
+
+        return make_agreement_run(config, model, template, words, word_ids,
+                                  config.the_policy(), token_table(tokenizer),
+                                  frozenset(tokenizer.eos_token_ids), on_forward, context)
     if make_engine is None:
         engine = _make_engine(config, model, template, words, word_ids, on_forward, context)
     else:
