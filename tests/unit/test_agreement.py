@@ -122,3 +122,54 @@ def test_common_prefix():
 def test_bad_settings_for_local_agreement(options, match):
     with pytest.raises(ValueError, match=match):
         translate(model_of("llama"), tok(), "a b", policy=LocalAgreement(2), **options)
+
+
+# ---------------------------------------------------------------- verify's rule
+
+from dataclasses import replace  # noqa: E402
+
+from simulref.trace import Trace  # noqa: E402
+from simulref.verify import check_policy  # noqa: E402
+
+
+def agreement_trace():
+    words = "The weather is nice today so we walk".split()
+    trace = translate(model_of("llama"), tok(), words, policy=LocalAgreement(2),
+                      max_tokens_per_word=4)
+    assert trace.writes and check_policy(trace) == []
+    return trace
+
+
+def rules(trace) -> set[str]:
+    return {v.rule for v in check_policy(trace)}
+
+
+def test_verify_catches_a_commit_the_hypotheses_do_not_agree_on():
+    trace = agreement_trace()
+    events = list(trace.events)
+    j = next(i for i, e in enumerate(events) if isinstance(e, Write))
+    events[j] = replace(events[j], token_ids=(events[j].token_ids[0] + 1,))
+    assert "policy.local_agreement" in rules(replace(trace, events=tuple(events)))
+
+
+def test_verify_catches_a_retracted_commit():
+    trace = agreement_trace()
+    events = list(trace.events)
+    first = next(i for i, e in enumerate(events) if isinstance(e, Write))
+    j = next(i for i, e in enumerate(events) if isinstance(e, Hypothesis) and i > first)
+    events[j] = replace(events[j], token_ids=(1,) + events[j].token_ids[1:])
+    found = check_policy(replace(trace, events=tuple(events)))
+    assert any("never retracted" in v.message for v in found)
+
+
+def test_verify_catches_an_early_commit():
+    """A commit after one hypothesis (LocalAgreement-2 needs two)."""
+    trace = agreement_trace()
+    events = list(trace.events)
+    h = next(i for i, e in enumerate(events) if isinstance(e, Hypothesis))
+    first_write = next(e for e in events if isinstance(e, Write))
+    events.insert(h + 1, replace(first_write, target_index=0))
+    doctored = Trace(trace.settings, trace.source_words, tuple(
+        e for i, e in enumerate(events) if not (isinstance(e, Write) and i > h + 1
+                                                and e == first_write)))
+    assert any("needs 2 hypotheses" in v.message for v in check_policy(doctored))

@@ -213,3 +213,45 @@ def test_confidence_decisions():
     assert c.decide(0, 0, True) is WRITE  # the source ended: always write
     with pytest.raises(TypeError, match="candidate: expected a Candidate"):
         c.decide(2, 0, False, candidate=0.7)
+
+
+# ---------------------------------------------------------------- verify's rule
+
+from dataclasses import replace  # noqa: E402
+
+from simulref.verify import check_policy  # noqa: E402
+
+
+def confidence_trace():
+    trace = translate(model_of("llama"), tok(), "The weather is nice today so we walk",
+                      policy=Confidence(0.5), max_new_words=6)
+    assert check_policy(trace) == [] and check_trace(trace) == []
+    return trace
+
+
+def test_verify_catches_a_word_written_below_the_threshold():
+    trace = confidence_trace()
+    events = list(trace.events)
+    j = next(i for i, e in enumerate(events) if isinstance(e, Look)
+             and isinstance(events[i + 1], Write) and i + 1 < len(events))
+    events[j] = replace(events[j], probs=(0.49,))
+    found = check_policy(replace(trace, events=tuple(events)))
+    assert [v.rule for v in found] == ["policy.confidence"]
+    assert "below the threshold" in found[0].message
+
+
+def test_verify_catches_a_read_while_sure():
+    trace = confidence_trace()
+    events = list(trace.events)
+    j = next(i for i, e in enumerate(events) if isinstance(e, Look)
+             and isinstance(events[i + 1], Read))
+    events[j] = replace(events[j], probs=(0.9,))
+    assert {v.rule for v in check_policy(replace(trace, events=tuple(events)))} == \
+        {"policy.confidence"}
+
+
+def test_verify_catches_an_unseen_write():
+    trace = confidence_trace()
+    events = [e for e in trace.events if not isinstance(e, Look)]
+    assert "policy.confidence" in {v.rule for v in check_policy(replace(trace,
+                                                                      events=tuple(events)))}
