@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from .cache import TARGET
 from .decoder import CONTEXT_LIMIT, EMPTY_SOURCE, NEED_INPUT, _Run
 from .engine import Forward, IncrementalEngine
-from .trace import Finish, Hypothesis, Read, Write
+from .trace import Finish, Hypothesis, Read
 
 FAST, TWIN = "draft", "incremental"  # the engine names the trace records
 
@@ -64,7 +64,6 @@ class AgreementEngine(IncrementalEngine):
 
     def predict(self, ids: Sequence[int]) -> int:
         """Feed ``ids``; the greedy token after the last of them."""
-        import mlx.core as mx
 
         self.fed.extend(ids)
         return self._feed_targets(list(ids)).item()

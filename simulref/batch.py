@@ -198,9 +198,14 @@ def check_batch_size(batch_size) -> int:
 
 def batchable(config: DecodeConfig) -> bool:
     """Whether a batch decodes ``config`` in its rows (group and interleaved layouts, the
-    engine left to choose); other configs are decoded one at a time in the batch's turn."""
-    return config.layout in ("group", "interleaved") and config.engine in ("auto",
-                                                                           "prefilled")
+    engine left to choose, a count-only policy); other configs are decoded one at a time
+    in the batch's turn (an observing policy or LocalAgreement, for now)."""
+    from .policy import is_agreement
+
+    policy = config.the_policy()
+    return (config.layout in ("group", "interleaved")
+            and config.engine in ("auto", "prefilled")
+            and not getattr(policy, "observes", False) and not is_agreement(policy))
 
 
 @dataclass(frozen=True)

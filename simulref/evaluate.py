@@ -123,17 +123,45 @@ def default_system(dataset: str | None, data: str | os.PathLike | None = None) -
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One evaluation run: wait-k with ``k`` in ``layout``, or offline when k is None."""
+    """One evaluation run in ``layout``: wait-k with ``k``; another policy, ``policy``
+    (its text form, :func:`simulref.policy.parse_policy`; k is None then); or offline
+    (read everything first) when neither is set."""
 
     layout: str
     k: int | None
+    policy: str | None = None
+
+    def __post_init__(self):
+        if self.policy is not None:
+            from simulref.policy import parse_policy
+
+            # The canonical text (the policy's own name), so one policy is one run.
+            object.__setattr__(self, "policy", parse_policy(self.policy).name)
+            if self.k is not None:
+                raise ValueError(f"RunSpec: k={self.k} and policy={self.policy!r}: "
+                                 "expected one of them")
 
     @property
     def offline(self) -> bool:
-        return self.k is None
+        return self.k is None and self.policy is None
+
+    @property
+    def family(self) -> str:
+        """The policy family a quality-latency curve joins: wait-k, offline, or the
+        policy's name up to its parameters ("confidence", "local-agreement")."""
+        if self.policy is not None:
+            return self.policy.split(":")[0]
+        return "offline" if self.offline else "wait-k"
+
+    @property
+    def parameter(self) -> str:
+        """What tells this run from the others of its family ("0.6", "2:chunk=2")."""
+        return self.policy.split(":", 1)[1] if self.policy and ":" in self.policy else ""
 
     @property
     def name(self) -> str:
+        if self.policy is not None:  # file names: no ':' or '=' in them
+            return f"{self.layout}-" + re.sub(r"[:=]+", "-", self.policy)
         return "offline" if self.offline else f"{self.layout}-k{self.k}"
 
     @property
@@ -149,10 +177,14 @@ class RunSpec:
         return self.progress_file if rank == 0 else f"progress/{self.name}.rank{rank}.jsonl"
 
 
-def run_specs(layouts: Sequence[str], ks: Sequence[int], *, offline: bool = True) -> list[RunSpec]:
-    """Runs in order: every (layout, k), then the offline run (in the first layout: with
+def run_specs(layouts: Sequence[str], ks: Sequence[int], *, offline: bool = True,
+              policies: Sequence[str] = ()) -> list[RunSpec]:
+    """Runs in order: for each layout, every wait-k (``ks``), then every other policy
+    (``policies``, text forms); then the offline run (in the first layout: with
     everything read first, every layout feeds the same positions)."""
-    specs = [RunSpec(layout, k) for layout in dict.fromkeys(layouts) for k in dict.fromkeys(ks)]
+    specs = [spec for layout in dict.fromkeys(layouts) for spec in (
+        *(RunSpec(layout, k) for k in dict.fromkeys(ks)),
+        *dict.fromkeys(RunSpec(layout, None, policy) for policy in policies))]
     if offline and layouts:
         specs.append(RunSpec(layouts[0], None))
     return specs
@@ -396,7 +428,8 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
         "run": spec.name,
         "layout": spec.layout,
         "k": spec.k,
-        "policy": "read-all" if spec.offline else f"wait-{spec.k}",
+        "policy": "read-all" if spec.offline else spec.policy or f"wait-{spec.k}",
+        "family": spec.family,
         "sentences": len(indices),
         "empty_hypotheses": empty,
         "bleu": quality.corpus_bleu(hypotheses, references) if indices else float("nan"),
@@ -454,7 +487,11 @@ class Evaluation:
                                layout=spec.layout)
         if spec.offline:
             return DecodeConfig.of(base, policy=ReadAll())
-        return DecodeConfig.of(base, k=spec.k)
+        if spec.policy is not None:
+            from simulref.policy import parse_policy
+
+            return DecodeConfig.of(base, policy=parse_policy(spec.policy))
+        return DecodeConfig.of(base, k=spec.k, policy=None)
 
     def translate(self, spec: RunSpec, source: str):
         from simulref import decoder
@@ -627,28 +664,41 @@ def run_trace(out: Path, spec: RunSpec, index: int):
 
 
 def quality_latency_curves(summaries: Sequence[Mapping], latency: str = "AL"):
-    """({layout: [(latency, BLEU, k), ...]}, offline (latency, BLEU) or None)."""
-    curves: dict[str, list[tuple[float, float, int]]] = {}
+    """({curve: [(latency, BLEU, label), ...]}, offline (latency, BLEU) or None). A curve
+    per layout for wait-k (label: k) and per layout and family for the other policies
+    ("group confidence"; label: the parameter, e.g. "0.6")."""
+    curves: dict[str, list[tuple[float, float, int | str]]] = {}
     offline = None
     for s in summaries:
         point = (s["latency_reference_length"].get(latency, float("nan")), s["bleu"])
-        if s["k"] is None:
+        policy = s.get("policy") or ""
+        if s["k"] is None and policy in ("", "read-all"):
             offline = point
-        else:
+        elif s["k"] is not None:
             curves.setdefault(s["layout"], []).append((*point, s["k"]))
+        else:
+            family, _, parameter = policy.partition(":")
+            curves.setdefault(f"{s['layout']} {family}", []).append((*point, parameter))
     return curves, offline
 
 
 def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int = 0) -> list:
+    """quality-latency (BLEU against AL), quality-latency-ca (against the computation-
+    aware AL, in seconds: what each policy's compute costs) and the staircase of one
+    sentence, each as PNG and SVG."""
     from simulref.plots import plot_quality_latency, plot_staircase
 
     curves, offline = quality_latency_curves(summaries)
     paths = list(plot_quality_latency(curves, job.out / "quality-latency", offline=offline))
+    curves, offline = quality_latency_curves(summaries, latency="AL_CA")
+    paths += plot_quality_latency(curves, job.out / "quality-latency-ca", offline=offline,
+                                  latency="AL_CA", unit="seconds")
     staircases = {}
     for spec in job.specs:
         trace = run_trace(job.out, spec, sentence)
         if trace is not None:
-            label = "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+            label = ("offline" if spec.offline else f"{spec.layout} k={spec.k}" if spec.k
+                     else f"{spec.layout} {spec.policy}")
             staircases[label] = (trace.delays, spec.k)
     n = len(job.pairs[sentence].source.split())
     paths += plot_staircase(staircases, n, job.out / "staircase",
@@ -660,6 +710,28 @@ TABLE_LATENCY = METRICS
 TABLE_OMNISTEVAL = ("YAAL",)  # OmniSTEval's short-form latency (simulref.metrics.yaal)
 
 
+def _add_columns(table, numbers: Sequence[str]) -> None:
+    """The run's name (folded when the table is too wide: policy names are long), then
+    number columns that never shrink below their header or a figure ("12.34")."""
+    table.add_column("run", justify="left", no_wrap=True)
+    for name in numbers:
+        table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 5))
+
+
+# Short family names for tables, so that a policy run's row fits 80 columns.
+SHORT_FAMILY = {"confidence": "conf", "local-agreement": "la"}
+
+
+def _run_label(summary: Mapping) -> str:
+    """A run's name in a table: a policy run as "<layout> <short policy>" ("group
+    conf:0.6", "group la:2"); the others by their name."""
+    k, policy = summary.get("k"), summary.get("policy") or ""
+    if k is None and policy not in ("", "read-all"):
+        family, _, parameters = policy.partition(":")
+        return f"{summary['layout']} {SHORT_FAMILY.get(family, family)}:{parameters}"
+    return summary["run"]
+
+
 def results_table(summaries: Sequence[Mapping]):
     """A rich Table: one row per run, quality then latency (reference-length variants)."""
     from rich import box
@@ -667,12 +739,11 @@ def results_table(summaries: Sequence[Mapping]):
 
     table = Table(title="latency in source words (|Y| = reference length); CA-AL in s",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for name in ("run", "n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"):
-        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
+    _add_columns(table, ("n", "BLEU", "chrF", *TABLE_LATENCY, "CA-AL", "tok/s"))
     for s in summaries:
         latency = s["latency_reference_length"]
         table.add_row(
-            s["run"], str(s["sentences"]), _fmt(s["bleu"]), _fmt(s["chrf"]),
+            _run_label(s), str(s["sentences"]), _fmt(s["bleu"]), _fmt(s["chrf"]),
             *(_fmt(latency.get(name)) for name in TABLE_LATENCY),
             _fmt(latency.get("AL_CA")), _fmt(s["tokens_per_s"]),
         )
@@ -689,13 +760,12 @@ def omnisteval_table(summaries: Sequence[Mapping]):
     table = Table(title="OmniSTEval: YAAL in source words, CA-YAAL in s; SWF, EFSW, DSPTV "
                   "in %; degenerate: |DSPTV| > 20",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for name in ("run", *TABLE_OMNISTEVAL, "CA-YAAL", "SWF", "EFSW", "DSPTV", "degenerate"):
-        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
+    _add_columns(table, (*TABLE_OMNISTEVAL, "CA-YAAL", "SWF", "EFSW", "DSPTV", "degenerate"))
     for s in summaries:
         latency = s["latency_reference_length"]
         degeneracy = s.get("degeneracy") or {}  # absent from summaries stored before it
         table.add_row(
-            s["run"], *(_fmt(latency.get(name)) for name in TABLE_OMNISTEVAL),
+            _run_label(s), *(_fmt(latency.get(name)) for name in TABLE_OMNISTEVAL),
             _fmt(latency.get("YAAL_CA")),
             *(_fmt(degeneracy.get(name)) for name in ("SWF", "EFSW", "DSPTV")),
             _yes_no(degeneracy.get("degenerate")),

@@ -33,15 +33,18 @@ def _figure(width: float = 6.4, height: float = 4.8):
 
 
 def plot_quality_latency(
-    curves: Mapping[str, Sequence[tuple[float, float, int]]],
+    curves: Mapping[str, Sequence[tuple[float, float, int | str]]],
     stem: str | os.PathLike,
     *,
     offline: tuple[float, float] | None = None,
     quality: str = "BLEU",
     latency: str = "AL",
+    unit: str = "source words",
 ) -> list[Path]:
-    """Quality against latency: one curve per layout through its (AL, BLEU, k) points,
-    each point labelled with its k; the offline (read-everything) run as a star.
+    """Quality against latency: one curve per layout (or policy family) through its
+    (latency, quality, label) points; a wait-k point's label is its k (drawn "k=3", the
+    curve in order of k), another policy's is its parameter as text (the curve in order
+    of latency). The offline (read-everything) run is a star.
 
     Writes ``stem.png`` and ``stem.svg``; returns their paths."""
     import matplotlib
@@ -50,19 +53,21 @@ def plot_quality_latency(
         fig = _figure()
         ax = fig.add_subplot()
         for name, points in curves.items():
-            pts = sorted(points, key=lambda p: p[2])
+            pts = sorted(points, key=lambda p: (isinstance(p[2], str), p[0] if isinstance(
+                p[2], str) else p[2]))
             xs = [p[0] for p in pts]
             ys = [p[1] for p in pts]
             (line,) = ax.plot(xs, ys, marker="o", label=name)
-            for x, y, k in pts:
-                ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4),
+            for x, y, label in pts:
+                text = label if isinstance(label, str) else f"k={label}"
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=8, color=line.get_color())
         if offline is not None:
             ax.plot([offline[0]], [offline[1]], marker="*", markersize=14, linestyle="none",
                     color="black", label="offline")
-        ax.set_xlabel(f"{latency} (source words)")
+        ax.set_xlabel(f"{latency} ({unit})")
         ax.set_ylabel(quality)
-        ax.set_title(f"{quality} vs {latency} across k")
+        ax.set_title(f"{quality} vs {latency} across policies")
         ax.grid(True, alpha=0.3)
         ax.legend()
         return _save_figure(fig, Path(stem))

@@ -13,6 +13,7 @@ from typing import Any
 from simulref.checks import as_option, int_option
 from simulref.config import DTYPES, ENGINES, LAYOUTS, DecodeConfig
 from simulref.limits import parse_target_start
+from simulref.policy import POLICY_SYNTAX, parse_policy
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -68,6 +69,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_policy_grid(text: str) -> list:
+    """Several policies of one family in one word, for eval: ``confidence:0.3,0.6`` is
+    ``confidence:0.3`` and ``confidence:0.6``; the comma list is the first value after the
+    family's name, options (``:chunk=2``) apply to each. ValueError as parse_policy's."""
+    head, sep, rest = text.strip().partition(":")
+    values, colon, options = rest.partition(":")
+    if not sep or "," not in values:
+        return [parse_policy(text)]
+    if any(not value.strip() for value in values.split(",")):
+        raise ValueError(f"policy: an empty value in {text!r}; expected {POLICY_SYNTAX}")
+    return [parse_policy(f"{head}:{value.strip()}{colon}{options}")
+            for value in values.split(",")]
+
+
 # --- the shared options, each declared once -------------------------------------------
 
 
@@ -108,6 +123,15 @@ DECODE_OPTIONS: dict[str, Option] = {
         type=positive_int, default=3, help="words read before the first write (default: 3)"),
         many=dict(nargs="+", metavar="K", default=None,
                   help="wait-k values (default: 1 3 5 7 9)")),
+    "policy": Option(("--policy",), dict(
+        type=as_option(parse_policy), default=None, metavar="POLICY",
+        help=f"the read/write policy instead of wait-k with -k: {POLICY_SYNTAX} "
+             "(docs/policies.md)"),
+        many=dict(type=as_option(parse_policy_grid), nargs="+", metavar="POLICY",
+                  help="policies to compare, each with comma-separated values: "
+                       "wait-k:1,3,5 confidence:0.3,0.6 local-agreement:2,3[:chunk=C] "
+                       "(-k K... adds wait-k runs; default without --policy: -k 1 3 5 7 9)"
+                  )),
     "layout": Option(("--layout",), dict(
         choices=LAYOUTS, default="group", help="cache layout (default: group)"),
         many=dict(nargs="+", action="extend", default=None,

@@ -26,6 +26,7 @@ from simulref.cli.args import (
 )
 from simulref.cli.output import stdout_console
 from simulref.config import DecodeConfig
+from simulref.policy import ReadAll, WaitK, parse_policy
 
 
 def add_eval(subparsers) -> None:
@@ -67,6 +68,21 @@ def add_eval(subparsers) -> None:
     p.set_defaults(run=run_eval)
 
 
+def _policies(args) -> tuple[list[int], list[str]]:
+    """The runs the options ask for: wait-k lags (-k, and --policy wait-k:...) and the
+    other policies' text forms (--policy; read-all is the offline run, already there).
+    Without -k and --policy: wait-k at evaluate.DEFAULT_KS."""
+    from simulref import evaluate
+
+    chosen = [policy for group in args.policy or [] for policy in group]
+    ks = list(args.k or [])
+    ks += [p.k for p in chosen if isinstance(p, WaitK)]
+    others = [p.name for p in chosen if not isinstance(p, (WaitK, ReadAll))]
+    if not ks and not chosen:
+        ks = list(evaluate.DEFAULT_KS)
+    return list(dict.fromkeys(ks)), list(dict.fromkeys(others))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "model"
 
@@ -86,11 +102,15 @@ def run_eval(args) -> int:
     if args.plot_sentence >= len(pairs):
         raise UsageError(f"--plot-sentence: expected an index below {len(pairs)}, "
                          f"got {args.plot_sentence}")
-    ks = args.k or list(evaluate.DEFAULT_KS)
+    ks, policies = _policies(args)
     layouts = args.layout or ["group"]
     system = args.system or evaluate.default_system(args.dataset, path)
     # Every run's options are checked before the model loads.
-    base, *_ = [decode_config(args, k=ks[0], layout=layout, system=system) for layout in layouts]
+    base, *_ = [decode_config(args, k=(ks or [3])[0], layout=layout, system=system,
+                              policy=None) for layout in layouts]
+    for layout in layouts:
+        for policy in policies:
+            decode_config(args, layout=layout, system=system, policy=parse_policy(policy))
     name = model_name(args.model)
     out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
     settings = {
@@ -99,6 +119,7 @@ def run_eval(args) -> int:
         "stop_at_first_eos": args.stop_at_first_eos,
         "data": args.dataset or str(path), "data_sha256": evaluate.sha256_of(pairs),
         "sentences": len(pairs), "ks": ks, "layouts": layouts,
+        **({"policies": policies} if policies else {}),
         "word_duration": args.word_duration,
         **({"adapter": args.adapter} if args.adapter else {}),
     }
@@ -126,7 +147,8 @@ def _evaluate_ranks(args, evaluate, distributed, ranks, pairs, out: Path, settin
                     layouts, base: DecodeConfig) -> int:
     """The collective checks (before the model loads), then :func:`_evaluate` with the
     plan of this rank; a lost rank ends it with exit code 1 (records kept)."""
-    specs = evaluate.run_specs(layouts, ks, offline=not args.no_offline)
+    specs = evaluate.run_specs(layouts, ks, offline=not args.no_offline,
+                               policies=settings.get("policies", ()))
     compared = distributed.compared_settings(settings, specs, dtype=args.dtype,
                                              engine=args.engine)
     try:
@@ -155,7 +177,8 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     peak = [0]
     job = evaluate.Evaluation(
         model=model, tokenizer=tokenizer, pairs=pairs,
-        specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline), out=out,
+        specs=evaluate.run_specs(layouts, ks, offline=not args.no_offline,
+                                 policies=settings.get("policies", ())), out=out,
         settings=settings, config=base, word_duration=args.word_duration, batch_size=size,
         on_batch=lambda f: peak.__setitem__(0, max(peak[0], f.cache_bytes)),
         **(plan.job_options() if plan is not None else {}),
@@ -179,6 +202,8 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
           + _peak_memory(), file=sys.stderr)
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
     console = stdout_console()
+    if not console.is_terminal:  # a log or a pipe: room for every column (rich's default: 80)
+        console = stdout_console(width=120)
     console.print(evaluate.results_table(summaries))
     console.print(evaluate.omnisteval_table(summaries))
     console.print(f"results: {out / 'results.json'}")

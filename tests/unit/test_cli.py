@@ -178,7 +178,8 @@ def test_eval_writes_everything_and_resumes(gguf, capsys, tmp_path):
     assert names == sorted([
         ".lock", "progress", "results.json", "settings.json", "traces-group-k1.jsonl",
         "traces-group-k2.jsonl", "traces-offline.jsonl", "quality-latency.png",
-        "quality-latency.svg", "staircase.png", "staircase.svg"])
+        "quality-latency.svg", "quality-latency-ca.png", "quality-latency-ca.svg",
+        "staircase.png", "staircase.svg"])
     assert len(read_traces(out / "traces-group-k2.jsonl")) == 2
 
     before = {p.name: p.read_bytes() for p in (out / "progress").iterdir()}

@@ -281,7 +281,8 @@ def test_evaluation_writes_results_traces_and_plots_and_resumes(tiny, tmp_path):
             assert all(0 <= e.t <= record["seconds"] for e in events)
     paths = evaluate.write_plots(job, summaries, sentence=1)
     assert sorted(p.name for p in paths) == [
-        "quality-latency.png", "quality-latency.svg", "staircase.png", "staircase.svg"]
+        "quality-latency-ca.png", "quality-latency-ca.svg", "quality-latency.png",
+        "quality-latency.svg", "staircase.png", "staircase.svg"]
 
     # A rerun decodes nothing: the progress files stay byte for byte the same.
     before = {p: p.read_bytes() for p in (tmp_path / "progress").iterdir()}
