@@ -13,6 +13,7 @@ projections and the adapter's q/k parts would not match them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,18 @@ def check_adapter(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"adapter: {path} is not an mlx-lm adapter directory "
                                 f"(missing {', '.join(missing)})")
     return path
+
+
+def adapter_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of an adapter directory's files (:data:`ADAPTER_FILES`, each with its
+    name and length): the same adapter wherever it lies, another one once retrained."""
+    path = check_adapter(path)
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        data = (path / name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def apply_adapter(model, path: str | os.PathLike):

@@ -238,11 +238,90 @@ def run_records(out: Path, spec: RunSpec, *, repair: int | None = None) -> list[
     return records
 
 
+# The decode options each run sets for itself: its RunSpec (and its files' names) holds
+# them, so they are not part of the eval's settings.
+PER_RUN_OPTIONS = frozenset({"k", "layout", "policy"})
+# Settings that change no trace, so a resume may change them: the paths (their content's
+# hash is compared instead: ``./dev.tsv`` and ``dev.tsv`` are the same data), which runs
+# and how many sentences there are (each run and sentence has its own record), and the
+# pace the computation-aware scores assume (scoring only).
+RESUMABLE_SETTINGS = frozenset({"data", "adapter", "sentences", "ks", "layouts",
+                                "word_duration"})
+
+
+def option_value(value):
+    """A decode option as settings.json records it (JSON, and equal for equal options):
+    a dataclass (a ChatFormat) as its fields, a greedy sampler as ``"greedy"``, another
+    callable by its repr (a closure's names its address, so a resume with a custom sampler
+    is refused rather than risk mixing two), anything else not JSON by its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: option_value(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [option_value(v) for v in value]
+    if callable(value):
+        from .engine import is_greedy
+
+        return "greedy" if is_greedy(value) else f"custom {value!r}"
+    return repr(value)
+
+
+def decode_settings(config: DecodeConfig) -> dict:
+    """Every option of ``config`` but the per-run ones (:data:`PER_RUN_OPTIONS`), by
+    field: an option added to DecodeConfig is recorded, and compared on resume, with no
+    change here."""
+    return {f.name: option_value(getattr(config, f.name))
+            for f in dataclasses.fields(DecodeConfig) if f.name not in PER_RUN_OPTIONS}
+
+
+def eval_settings(config: DecodeConfig, *, model: str, dtype: str | None,
+                  adapter: str | os.PathLike | None, data: str, pairs: Sequence[Pair],
+                  ks: Sequence[int], layouts: Sequence[str],
+                  word_duration: float) -> dict:
+    """The settings of an eval (settings.json, results.json): the one place they are
+    made. ``config``: the decode options every run shares (its ``system`` is the
+    eval's); ``dtype`` None is the device's default, recorded as the one that loads;
+    ``adapter``: the --adapter directory, recorded as given and by the sha256 of its
+    files (an adapter preset's own adapter too, when ``model`` names one)."""
+    from .adapters import ADAPTER_PRESETS, adapter_sha256
+
+    if dtype is None:
+        from .models import default_dtype
+
+        dtype = default_dtype()
+    applied = adapter if adapter is not None else (
+        ADAPTER_PRESETS[model].path if model in ADAPTER_PRESETS else None)
+    return {
+        "model": model, "dtype": dtype,
+        "adapter": None if adapter is None else str(adapter),
+        "adapter_sha256": None if applied is None else adapter_sha256(applied),
+        **decode_settings(config),
+        "data": data, "data_sha256": sha256_of(pairs), "sentences": len(pairs),
+        "ks": list(ks), "layouts": list(layouts), "word_duration": word_duration,
+    }
+
+
 def settings_fingerprint(settings: Mapping) -> dict:
-    """The part of the settings that must match for stored sentences to be reused."""
-    keys = ("model", "system", "target_start", "max_tokens_per_word", "stop_at_first_eos",
-            "data_sha256")
-    return {key: settings.get(key) for key in keys}
+    """The part of the settings that must match for stored sentences to be reused:
+    everything but :data:`RESUMABLE_SETTINGS` (a key is compared unless it is known to
+    change no trace, so a new one cannot be forgotten)."""
+    # Settings made without the adapter's hash (by an older simulref) have only its path
+    # to tell adapters apart: compare that then.
+    resumable = (RESUMABLE_SETTINGS if "adapter_sha256" in settings
+                 else RESUMABLE_SETTINGS - {"adapter"})
+    return {key: value for key, value in settings.items() if key not in resumable}
+
+
+def fingerprint_differences(stored: Mapping, wanted: Mapping) -> list[str]:
+    """One phrase per key whose value differs (a key one side lacks: "(not recorded)")."""
+    def shown(side: Mapping, key: str) -> str:
+        return repr(side[key]) if key in side else "(not recorded)"
+
+    return [f"{key}: stored {shown(stored, key)}, now {shown(wanted, key)}"
+            for key in sorted(set(stored) | set(wanted))
+            if key not in stored or key not in wanted or stored[key] != wanted[key]]
 
 
 def sha256_of(pairs: Iterable[Pair]) -> str:
@@ -265,14 +344,10 @@ def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
             stored = settings_fingerprint(json.loads(path.read_text("utf-8")))
         except ValueError:
             raise DataError(f"{path}: not JSON; remove it to start over") from None
-        if stored != wanted:
-            diff = ", ".join(
-                f"{key}: stored {stored[key]!r}, now {wanted[key]!r}"
-                for key in wanted if stored[key] != wanted[key]
-            )
-            raise DataError(
-                f"--out {out} holds results of other settings ({diff}); use another --out"
-            )
+        differences = fingerprint_differences(stored, wanted)
+        if differences:
+            raise DataError(f"--out {out} holds results of other settings "
+                            f"({'; '.join(differences)}); use another --out")
         return
     if write:
         write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")

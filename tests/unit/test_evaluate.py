@@ -325,3 +325,107 @@ def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfThe weather\tIl fait\nnice day\tbeau jour\n")
     pairs = evaluate.read_pairs(path)
     assert [p.source for p in pairs] == ["The weather", "nice day"]
+
+
+# --- the resume guard: what must match for stored sentences to be reused --------------
+
+
+def _settings(tmp_path, **options):
+    """eval_settings of a tiny eval, ``options`` overriding its keyword arguments."""
+    keywords = dict(config=DecodeConfig(), model="m", dtype="float32", adapter=None,
+                    data="dev.tsv", pairs=PAIRS, ks=[1], layouts=["group"],
+                    word_duration=0.4)
+    keywords.update(options)
+    return evaluate.eval_settings(**keywords)
+
+
+def _adapter(directory, weights: bytes):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapters.safetensors").write_bytes(weights)
+    (directory / "adapter_config.json").write_text('{"num_layers": 1}')
+    return directory
+
+
+def _other_value(name: str):
+    """A value of each DecodeConfig option other than its default (a test per option:
+    a new option has no entry here and fails the test below until it gets one)."""
+    from simulref.prompt import ChatFormat
+
+    def custom_sampler(logprobs):
+        return logprobs.argmax(axis=-1)
+
+    return {
+        "system": "Translate to German", "target_start": 5, "max_tokens_per_word": 7,
+        "max_new_words": 4, "stop_at_first_eos": True, "sampler": custom_sampler,
+        "chat_format": ChatFormat(prefix="<s>{system}\n", suffix="\n", header="A:"),
+        "engine": "incremental",
+    }[name]
+
+
+def test_every_decode_option_changes_the_fingerprint(tmp_path):
+    """Each DecodeConfig field is either per run (k, layout, policy: the RunSpec and its
+    files hold them) or in the fingerprint: iterating over the fields, a new option
+    cannot be forgotten."""
+    import dataclasses as dc
+
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    for field_ in dc.fields(DecodeConfig):
+        if field_.name in evaluate.PER_RUN_OPTIONS:
+            continue
+        config = DecodeConfig.of(DecodeConfig(), **{field_.name: _other_value(field_.name)})
+        settings = _settings(tmp_path, config=config)
+        assert evaluate.settings_fingerprint(settings) != base, field_.name
+        for _ in range(2):  # recorded, then read back from settings.json as the same
+            check_out_dir(tmp_path / field_.name, settings)
+    assert evaluate.PER_RUN_OPTIONS == {"k", "layout", "policy"}
+
+
+def test_model_dtype_adapter_content_and_data_change_the_fingerprint(tmp_path):
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    one = _adapter(tmp_path / "one", b"weights one")
+    with_one = evaluate.settings_fingerprint(_settings(tmp_path, adapter=one))
+    others = {
+        "model": _settings(tmp_path, model="other"),
+        "dtype": _settings(tmp_path, dtype="bfloat16"),
+        "adapter": _settings(tmp_path, adapter=one),
+        "data": _settings(tmp_path, pairs=PAIRS[:1]),
+    }
+    for what, settings in others.items():
+        assert evaluate.settings_fingerprint(settings) != base, what
+    # The adapter counts by content: the same files elsewhere are the same adapter,
+    # new weights in the same directory another one.
+    copy = _adapter(tmp_path / "copy", b"weights one")
+    assert evaluate.settings_fingerprint(_settings(tmp_path, adapter=copy)) == with_one
+    _adapter(one, b"weights two")
+    assert evaluate.settings_fingerprint(_settings(tmp_path, adapter=one)) != with_one
+
+
+def test_what_changes_no_trace_may_differ_on_a_resume(tmp_path):
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    for options in ({"data": "./dev.tsv"}, {"ks": [1, 3, 5]}, {"layouts": ["interleaved"]},
+                    {"word_duration": 1.0}, {"pairs": PAIRS * 2}):
+        settings = _settings(tmp_path, **options)
+        if "pairs" in options:  # more sentences: the same data hash is what a --limit keeps
+            settings["data_sha256"] = _settings(tmp_path)["data_sha256"]
+        assert evaluate.settings_fingerprint(settings) == base, options
+
+
+def test_a_resume_without_the_adapter_or_in_another_dtype_is_refused(tmp_path):
+    """Issue 21, item 1: the stored sentences of an eval with --adapter A were scored
+    with those of a rerun without it (and another --dtype decoded nothing)."""
+    adapter = _adapter(tmp_path / "A", b"weights")
+    out = tmp_path / "out"
+    check_out_dir(out, _settings(tmp_path, adapter=adapter))
+    with pytest.raises(DataError, match=r"adapter_sha256: stored '[0-9a-f]{64}', now None"):
+        check_out_dir(out, _settings(tmp_path))
+    with pytest.raises(DataError, match=r"dtype: stored 'float32', now 'bfloat16'"):
+        check_out_dir(out, _settings(tmp_path, adapter=adapter, dtype="bfloat16"))
+    check_out_dir(out, _settings(tmp_path, adapter=adapter, ks=[1, 3]))  # more runs: fine
+
+
+def test_an_old_settings_file_without_a_key_is_refused_naming_it(tmp_path):
+    stored = _settings(tmp_path)
+    del stored["dtype"]
+    (tmp_path / "settings.json").write_text(json.dumps(stored))
+    with pytest.raises(DataError, match=r"dtype: stored \(not recorded\), now 'float32'"):
+        check_out_dir(tmp_path, _settings(tmp_path))
