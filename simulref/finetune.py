@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import limits
 from .cache import SOURCE, TARGET, StreamState, make_stream_cache
 from .prompt import DEFAULT_SYSTEM, template_for
 
@@ -445,7 +446,6 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
         raise ValueError(f"batch_size: expected at most the {len(pairs)} training pairs, "
                          f"got {batch_size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings(mode=mode, ks=ks, target_start=target_start, system=system,
                              batch_size=batch_size, lr=lr, seed=seed, lora=lora,
                              model=model_name, data=data_name, data_sha256=pairs_sha256(pairs))
@@ -454,6 +454,13 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     examples = make_examples(tokenizer, pairs, mode=mode, ks=ks, system=system, seed=seed)
     valid = make_examples(tokenizer, valid_pairs, mode=mode, ks=ks, system=system,
                           seed=seed + 1)
+    # What translate refuses, training refuses too (simulref.limits), before any file.
+    context = limits.context_length(model)
+    assumed = limits.declared_context_length(model) is None
+    for name, group in (("pairs", examples), ("valid_pairs", valid)):
+        limits.check_examples_fit(group, context, target_start=target_start,
+                                  assumed=assumed, argument=name)
+    out.mkdir(parents=True, exist_ok=True)
     # LoRA's A matrices are drawn from MLX's global generator: seed it, so that the
     # same seed gives the same adapter (a resumed run loads them from the checkpoint).
     mx.random.seed(seed)

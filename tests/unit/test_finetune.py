@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulref import finetune
+from simulref import finetune, limits
 from simulref.decoder import token_table, translate
 from simulref.policy import WaitK, schedule
 from simulref.prompt import DEFAULT_SYSTEM, template_for
@@ -350,3 +350,21 @@ def test_train_rejects_bad_arguments(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_train(tmp_path, **{option: value})
 
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("pairs", [("word " * 40, "mot " * 40)] * 4, r"pairs\[0\]: the pair needs \d+ tokens"),
+    ("target_start", 100000, r"target_start: 100000 puts the target group"),
+])
+def test_train_refuses_what_cannot_fit_in_the_context(tmp_path, option, value, message):
+    """Issue 21, item 8: the check translate makes (simulref.limits), before training
+    starts and before --out is made."""
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    model.args.max_position_embeddings = 128
+    options = dict(iters=1, batch_size=2, lora=finetune.LoraConfig(rank=4, num_layers=1))
+    pairs = value if option == "pairs" else PAIRS
+    if option == "target_start":
+        options["target_start"] = value
+    with pytest.raises(limits.ContextError, match=message):
+        finetune.train(model, tokenizer, pairs, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
