@@ -316,6 +316,61 @@ def save_checkpoint(model, optimizer, out: Path, step: int, config: dict) -> Non
     save_adapter(model, out, config)
 
 
+def checkpoint_info(out: Path) -> tuple[int, dict]:
+    """``(step, config)`` of the checkpoint in ``out``, read from its metadata alone (no
+    model needed: a resume can be checked before anything is loaded or written)."""
+    import mlx.core as mx
+
+    _, metadata = mx.load(str(Path(out) / CHECKPOINT_FILE), return_metadata=True)
+    return int(metadata["step"]), json.loads(metadata["config"])
+
+
+# Training settings not compared on a resume: the data's name (its content's hash is:
+# ``./ok1.tsv`` and ``ok1.tsv`` are the same data), and the copy of the LoRA settings
+# (compared as the adapter config's lora_parameters and num_layers).
+RESUMABLE_SETTINGS = frozenset({"data", "lora"})
+
+
+def resume_differences(saved: dict, config: dict) -> list[str]:
+    """One phrase per setting in which the checkpoint's adapter config ``saved`` and this
+    run's ``config`` differ (the training settings, the LoRA parameters, the blocks)."""
+    def flat(c: dict) -> dict:
+        out = {k: v for k, v in (c.get("simulref") or {}).items()
+               if k not in RESUMABLE_SETTINGS}
+        out.update({f"lora_parameters.{k}": v for k, v in
+                    (c.get("lora_parameters") or {}).items()})
+        out["num_layers"] = c.get("num_layers")
+        return out
+
+    a, b = flat(saved), flat(config)
+    return [f"{key}: the checkpoint has {a.get(key)!r}, now {b.get(key)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def check_resume(out: Path, config: dict, iters: int) -> int:
+    """The step of the checkpoint in ``out`` once checked against this run: the same
+    settings (ValueError naming each key that differs) and a step below ``iters``
+    (ValueError: a resume would train nothing and report the checkpoint's steps)."""
+    step, saved = checkpoint_info(out)
+    differences = resume_differences(saved, config)
+    if differences:
+        raise ValueError(f"resume: the checkpoint in {out} was made with other settings "
+                         f"({'; '.join(differences)}); use another --out or the same options")
+    if step >= iters:
+        raise ValueError(f"iters: the checkpoint in {out} is at step {step}, and --iters is "
+                         f"{iters}: nothing to train; give --iters above {step} to train on")
+    return step
+
+
+def has_lora(model) -> bool:
+    """Whether ``model`` already has LoRA (or DoRA) layers: an adapter applied."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+    return any(isinstance(m, kinds) for _, m in model.named_modules())
+
+
 def load_checkpoint(model, optimizer, out: Path) -> tuple[int, dict]:
     """Restore what :func:`save_checkpoint` wrote; returns ``(step, config)``."""
     import mlx.core as mx
@@ -442,6 +497,9 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a number > 0, got {lr!r}")
     StreamState("group", target_start)  # checks target_start before any work is done
+    if has_lora(model):
+        raise ValueError("model: it already has LoRA layers (an adapter preset, or a model "
+                         "loaded with an adapter); train on its base model instead")
     if len(pairs) < batch_size:
         raise ValueError(f"batch_size: expected at most the {len(pairs)} training pairs, "
                          f"got {batch_size}")
@@ -460,6 +518,14 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     for name, group in (("pairs", examples), ("valid_pairs", valid)):
         limits.check_examples_fit(group, context, target_start=target_start,
                                   assumed=assumed, argument=name)
+    # An existing checkpoint is checked (refused, or its settings and step against this
+    # run's) before anything is loaded, made or written.
+    resuming = (out / CHECKPOINT_FILE).is_file()
+    if resuming and not resume:
+        raise ValueError(f"out: {out} already holds a checkpoint; pass resume=True "
+                         f"(--resume) to continue it or choose another directory")
+    if resuming:
+        check_resume(out, config, iters)
     out.mkdir(parents=True, exist_ok=True)
     # LoRA's A matrices are drawn from MLX's global generator: seed it, so that the
     # same seed gives the same adapter (a resumed run loads them from the checkpoint).
@@ -467,17 +533,10 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     add_lora(model, lora)
     optimizer = optim.Adam(learning_rate=lr)
     step = 0
-    if resume and (out / CHECKPOINT_FILE).is_file():
+    if resuming:
         # Build the optimizer state's tree first, so the saved one maps onto it.
         optimizer.init(model.trainable_parameters())
-        step, saved = load_checkpoint(model, optimizer, out)
-        if saved["simulref"] != config["simulref"] or saved["lora_parameters"] != \
-                config["lora_parameters"] or saved["num_layers"] != config["num_layers"]:
-            raise ValueError(f"resume: the checkpoint in {out} was made with other settings "
-                             f"({saved['simulref']}); use another --out or the same options")
-    elif (out / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"out: {out} already holds a checkpoint; pass resume=True "
-                         f"(--resume) to continue it or choose another directory")
+        step, _ = load_checkpoint(model, optimizer, out)
 
     value_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, target_start))
     started = time.monotonic()

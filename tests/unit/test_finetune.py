@@ -368,3 +368,42 @@ def test_train_refuses_what_cannot_fit_in_the_context(tmp_path, option, value, m
     with pytest.raises(limits.ContextError, match=message):
         finetune.train(model, tokenizer, pairs, tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+# --- resuming: what it refuses, and how it says so (issue 21, item 9) ---------------------
+
+
+def test_a_resume_with_the_same_data_under_another_path_is_the_same_run(tmp_path):
+    tiny_train(tmp_path, iters=4, data_name="ok1.tsv")
+    _, summary = tiny_train(tmp_path, iters=6, resume=True, data_name="./ok1.tsv")
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
+def test_a_resume_with_other_settings_names_the_key_that_differs(tmp_path):
+    tiny_train(tmp_path, iters=4)
+    with pytest.raises(ValueError) as caught:
+        tiny_train(tmp_path, iters=8, resume=True, lr=5e-3)
+    message = str(caught.value)
+    assert "lr: the checkpoint has 0.01, now 0.005" in message, message
+    assert "'mode'" not in message and "data_sha256" not in message  # not the whole dict
+    with pytest.raises(ValueError, match=r"lora_parameters.rank: the checkpoint has 4, now 2"):
+        tiny_train(tmp_path, iters=8, resume=True, lora=finetune.LoraConfig(rank=2,
+                                                                            num_layers=2))
+
+
+def test_a_resume_past_iters_is_refused_and_changes_nothing(tmp_path):
+    tiny_train(tmp_path, iters=4)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for iters in (3, 4):
+        with pytest.raises(ValueError, match=rf"iters: the checkpoint in .* is at step 4, "
+                                             rf"and --iters is {iters}: nothing to train"):
+            tiny_train(tmp_path, iters=iters, resume=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_model_that_already_has_lora_layers_is_refused_before_out_is_made(tmp_path):
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    finetune.add_lora(model, finetune.LoraConfig(rank=4, num_layers=1))
+    with pytest.raises(ValueError, match="model: it already has LoRA layers"):
+        finetune.train(model, tokenizer, PAIRS, tmp_path / "out", iters=1, batch_size=2)
+    assert not (tmp_path / "out").exists()
