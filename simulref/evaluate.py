@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .atomic import atomic_write
+from .atomic import append_line, atomic_write
 from .config import DecodeConfig
 from .metrics import METRICS
 
@@ -169,18 +169,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 def append_record(path: str | os.PathLike, record: Mapping) -> None:
     """Append one JSON line with a single write, then flush and fsync, so an
-    interruption leaves either the whole line or a partial last line (cut on resume)."""
+    interruption leaves either the whole line or a partial last line (cut on resume);
+    a full disk cuts the line off again (:func:`simulref.atomic.append_line`) and
+    raises :class:`simulref.atomic.WriteError`."""
     line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        payload = line.encode("utf-8")
-        written = os.write(fd, payload)
-        while written < len(payload):  # a regular file takes it in one go; be safe anyway
-            written += os.write(fd, payload[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(path, line)
 
 
 def load_records(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:

@@ -275,17 +275,11 @@ def adapter_config(lora: LoraConfig, settings: dict) -> dict:
 
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` then fsync and rename over ``path``: readers see the old file or
-    the new one. (mx.save_safetensors wants a path, not a file object, so
-    :func:`simulref.atomic.atomic_write` does not fit; same contract.)"""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    the new one, and a full disk is a :class:`simulref.atomic.WriteError` (MLX's
+    save_safetensors wants a path, not a file object: :func:`simulref.atomic.replace_with`)."""
+    from .atomic import replace_with
+
+    replace_with(path, write)
 
 
 def save_adapter(model, out: Path, config: dict) -> None:
@@ -540,47 +534,46 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
 
     value_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, target_start))
     started = time.monotonic()
-    log = open(out / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    log = out / LOG_FILE
     summary = {"start_step": step, "valid_before": None, "valid_after": None}
-    try:
-        if valid:
-            summary["valid_before"] = evaluate_loss(model, valid, batch_size, target_start)
-            _log(log, {"step": step, "valid_loss": summary["valid_before"]})
-        tokens, window_start, losses = 0, time.monotonic(), []
-        while step < iters:
-            batch = pad_batch([examples[i] for i in batch_order(len(examples), batch_size,
-                                                                 step, seed)])
-            (value, count), grads = value_and_grad(model, batch)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, value, count)
-            step += 1
-            tokens += batch["tokens"]
-            losses.append(value.item())
-            now = time.monotonic()
-            report = Progress(step, iters, losses[-1], tokens / max(now - window_start, 1e-9),
-                              now - started)
-            if on_step is not None:
-                on_step(report)
-            _log(log, asdict(report))
-            out_of_time = max_minutes is not None and now - started >= max_minutes * 60
-            if step % steps_per_save == 0 or step == iters or out_of_time:
-                save_checkpoint(model, optimizer, out, step, config)
-            if valid and steps_per_eval and step % steps_per_eval == 0 and step < iters \
-                    and not out_of_time:
-                _log(log, {"step": step, "valid_loss": evaluate_loss(model, valid, batch_size,
-                                                                     target_start)})
-            if out_of_time:
-                break
-        if valid:
-            summary["valid_after"] = evaluate_loss(model, valid, batch_size, target_start)
-            _log(log, {"step": step, "valid_loss": summary["valid_after"]})
-    finally:
-        log.close()
+    if valid:
+        summary["valid_before"] = evaluate_loss(model, valid, batch_size, target_start)
+        _log(log, {"step": step, "valid_loss": summary["valid_before"]})
+    tokens, window_start, losses = 0, time.monotonic(), []
+    while step < iters:
+        batch = pad_batch([examples[i] for i in batch_order(len(examples), batch_size,
+                                                             step, seed)])
+        (value, count), grads = value_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, value, count)
+        step += 1
+        tokens += batch["tokens"]
+        losses.append(value.item())
+        now = time.monotonic()
+        report = Progress(step, iters, losses[-1], tokens / max(now - window_start, 1e-9),
+                          now - started)
+        if on_step is not None:
+            on_step(report)
+        _log(log, asdict(report))
+        out_of_time = max_minutes is not None and now - started >= max_minutes * 60
+        if step % steps_per_save == 0 or step == iters or out_of_time:
+            save_checkpoint(model, optimizer, out, step, config)
+        if valid and steps_per_eval and step % steps_per_eval == 0 and step < iters \
+                and not out_of_time:
+            _log(log, {"step": step, "valid_loss": evaluate_loss(model, valid, batch_size,
+                                                                 target_start)})
+        if out_of_time:
+            break
+    if valid:
+        summary["valid_after"] = evaluate_loss(model, valid, batch_size, target_start)
+        _log(log, {"step": step, "valid_loss": summary["valid_after"]})
     summary.update(steps=step, train_losses=losses, seconds=time.monotonic() - started,
                    out=str(out))
     return summary
 
 
-def _log(handle, record: dict) -> None:
-    handle.write(json.dumps(record, sort_keys=True) + "\n")
-    handle.flush()
+def _log(path: Path, record: dict) -> None:
+    """One line of the training log; a full disk leaves no half line (WriteError)."""
+    from .atomic import append_line
+
+    append_line(path, json.dumps(record, sort_keys=True) + "\n", fsync=False)

@@ -429,3 +429,35 @@ def test_an_old_settings_file_without_a_key_is_refused_naming_it(tmp_path):
     (tmp_path / "settings.json").write_text(json.dumps(stored))
     with pytest.raises(DataError, match=r"dtype: stored \(not recorded\), now 'float32'"):
         check_out_dir(tmp_path, _settings(tmp_path))
+
+
+def test_a_full_disk_during_an_eval_leaves_no_half_record_and_resumes(tiny, tmp_path,
+                                                                       monkeypatch):
+    """Issue 21, item 4: a full disk is a WriteError (one line, naming the file), the
+    progress file keeps only whole records, and a rerun finishes the same traces."""
+    import errno
+    import os
+
+    from simulref import atomic
+
+    specs = [RunSpec("group", 2)]
+    _evaluation(tiny, tmp_path / "whole", specs).run()
+    real_write, calls = os.write, []
+
+    def full_on_the_second_record(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            real_write(fd, data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", full_on_the_second_record)
+    with pytest.raises(atomic.WriteError, match=r"progress/group-k2.jsonl: cannot write "
+                                                r"\(No space left on device\)"):
+        _evaluation(tiny, tmp_path / "cut", specs).run()
+    progress = tmp_path / "cut" / specs[0].progress_file
+    assert progress.read_bytes().endswith(b"\n") and len(load_records(progress)) == 1
+    monkeypatch.setattr(atomic.os, "write", real_write)
+    _evaluation(tiny, tmp_path / "cut", specs).run()
+    assert _untimed(tmp_path / "cut" / specs[0].traces_file) == \
+        _untimed(tmp_path / "whole" / specs[0].traces_file)

@@ -407,3 +407,31 @@ def test_a_model_that_already_has_lora_layers_is_refused_before_out_is_made(tmp_
     with pytest.raises(ValueError, match="model: it already has LoRA layers"):
         finetune.train(model, tokenizer, PAIRS, tmp_path / "out", iters=1, batch_size=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_saving_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    """Issue 21, item 4: MLX reports a full disk as a RuntimeError from
+    save_safetensors; train raises a WriteError naming the file and leaves the previous
+    checkpoint and adapter whole, with no temp file: a resume continues from there."""
+    from simulref import atomic
+
+    real_save, saves = mx.save_safetensors, []
+
+    def full_at_the_third_save(path, arrays, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # the checkpoint of step 8 (each save: checkpoint, adapter)
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise RuntimeError("[write] Unable to write 94557 bytes to file.")
+        return real_save(path, arrays, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_at_the_third_save)
+    with pytest.raises(atomic.WriteError, match=r"checkpoint.safetensors: cannot write"):
+        tiny_train(tmp_path, iters=8)
+    assert finetune.checkpoint_info(tmp_path)[0] == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(mx, "save_safetensors", real_save)
+    _, summary = tiny_train(tmp_path, iters=8, resume=True)
+    assert summary["start_step"] == 4 and summary["steps"] == 8
+    log = (tmp_path / finetune.LOG_FILE).read_text()
+    assert log.endswith("\n") and all(json.loads(line) for line in log.splitlines())
