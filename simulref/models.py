@@ -145,10 +145,12 @@ def _load(name_or_path, dtype: str):
         raise FileNotFoundError(f"name_or_path: no such file or directory: {text}")
     if _REPO_NAME.fullmatch(text):
         return _load_mlx(text, dtype)
+    from simulref.adapters import ADAPTER_PRESETS
+
     raise ValueError(
         f"name_or_path: unknown model {text!r}; expected a preset "
-        f"({', '.join(PRESETS)}), a GGUF file, an mlx-lm model directory or a "
-        "Hugging Face repo name 'org/name'"
+        f"({', '.join(PRESETS)}), an adapter preset ({', '.join(ADAPTER_PRESETS)}), a GGUF "
+        "file, an mlx-lm model directory or a Hugging Face repo name 'org/name'"
     )
 
 
