@@ -137,3 +137,24 @@ def append_line(path: str | os.PathLike, line: str, *, fsync: bool = True) -> No
             raise write_error(path, error) from None
     finally:
         os.close(fd)
+
+
+def probe_writable(directory: str | os.PathLike) -> None:
+    """Check, before any long work, that files can be written in ``directory``: a temp
+    file is made in it and removed (permissions alone do not tell: root ignores them,
+    not a read-only filesystem or an immutable directory). A directory that does not
+    exist yet is probed at its nearest existing parent, and nothing is made.
+    :class:`WriteError` naming the directory otherwise."""
+    path = Path(directory)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise WriteError(probe, "not a directory", errno.ENOTDIR)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".simulref-probe.", suffix=".tmp", dir=probe)
+    except OSError as error:
+        raise WriteError(probe if probe == path else path, error.strerror or str(error),
+                         error.errno) from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)

@@ -113,3 +113,25 @@ def test_a_full_disk_while_a_library_writes_by_path_leaves_the_old_file(tmp_path
     assert "\n" not in str(c.value)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.safetensors"]
+
+
+def test_probe_writable_creates_nothing_and_names_an_unwritable_directory(tmp_path,
+                                                                          monkeypatch):
+    """Issue 21, item 4: `train --out` on a directory that cannot be written (a read-only
+    filesystem, an immutable directory) failed after the model loaded. The probe writes
+    a temp file and removes it; for a directory still to be made, it probes the nearest
+    one that exists and makes nothing."""
+    atomic.probe_writable(tmp_path)
+    atomic.probe_writable(tmp_path / "new" / "deeper")
+    assert list(tmp_path.iterdir()) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    with pytest.raises(atomic.WriteError, match=r"cannot write \(Read-only file system\)"):
+        atomic.probe_writable(tmp_path / "new")
+    (tmp_path / "file").write_text("x")
+    monkeypatch.undo()
+    with pytest.raises(atomic.WriteError, match=r"file: cannot write \(not a directory\)"):
+        atomic.probe_writable(tmp_path / "file" / "out")
