@@ -325,10 +325,10 @@ def sha256_of(pairs: Iterable[Pair]) -> str:
     return digest.hexdigest()
 
 
-def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
+def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> bool:
     """Record ``settings`` in ``out/settings.json`` (unless ``write`` is False), or check
     that the stored ones match (reusing sentences decoded under other settings would mix
-    two experiments)."""
+    two experiments). Returns whether it wrote the file."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: cannot use it as the output directory (not a directory)")
     path = out / "settings.json"
@@ -342,9 +342,27 @@ def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
         if differences:
             raise DataError(f"--out {out} holds results of other settings "
                             f"({'; '.join(differences)}); use another --out")
-        return
+        return False
     if write:
         write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+        return True
+    return False
+
+
+def forget_settings_if_nothing_stored(out: Path) -> None:
+    """Remove ``out/settings.json`` (and an empty ``progress/``) when no sentence is
+    stored: a run that failed before its first record leaves nothing behind (its lock's
+    release then removes a directory it made). Once a record is stored, the settings
+    stay: they are what guards its resume."""
+    folder = Path(out) / "progress"
+    stored = folder.is_dir() and any(p.stat().st_size for p in folder.iterdir())
+    if stored:
+        return
+    (Path(out) / "settings.json").unlink(missing_ok=True)
+    if folder.is_dir():
+        for empty in folder.iterdir():
+            empty.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 LOCK_FILE = ".lock"
@@ -578,15 +596,20 @@ class Evaluation:
         is called before the first and after each sentence (with ``batch_size`` > 1,
         ``spec`` is None: every run's sentences share the batch, so progress is one
         count over all of them)."""
-        check_out_dir(self.out, self.settings)
-        if self.batch_size > 1:
-            return self._run_batched(on_progress)
-        summaries = []
-        for spec in self.specs:
-            self.decode_run(spec, on_progress)
-            summaries.append(self.finish_run(spec))
-            write_results(self.out, self.settings, summaries)
-        return summaries
+        wrote = check_out_dir(self.out, self.settings)
+        try:
+            if self.batch_size > 1:
+                return self._run_batched(on_progress)
+            summaries = []
+            for spec in self.specs:
+                self.decode_run(spec, on_progress)
+                summaries.append(self.finish_run(spec))
+                write_results(self.out, self.settings, summaries)
+            return summaries
+        except BaseException:
+            if wrote:
+                forget_settings_if_nothing_stored(self.out)
+            raise
 
     def decode_run(self, spec: RunSpec, on_progress=None) -> None:
         """Decode and store the pending sentences of one run, one at a time (progress

@@ -461,3 +461,39 @@ def test_a_full_disk_during_an_eval_leaves_no_half_record_and_resumes(tiny, tmp_
     _evaluation(tiny, tmp_path / "cut", specs).run()
     assert _untimed(tmp_path / "cut" / specs[0].traces_file) == \
         _untimed(tmp_path / "whole" / specs[0].traces_file)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_an_eval_that_fails_before_its_first_record_leaves_no_settings(tiny, tmp_path,
+                                                                       monkeypatch,
+                                                                       batch_size):
+    """Issue 21, item 2: `eval --engine fused` crashed and left settings.json (and the
+    lock) behind. Whatever fails before the first record is stored, the settings this
+    run wrote go again; once a record is stored they stay (the resume guard)."""
+    from simulref import batch, decoder
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the engine crashed")
+
+    monkeypatch.setattr(decoder, "translate", crash)
+    monkeypatch.setattr(batch, "decode_items", crash)
+    with evaluate.lock_out_dir(tmp_path / "out") as _lock:
+        with pytest.raises(RuntimeError, match="crashed"):
+            _evaluation(tiny, tmp_path / "out", batch_size=batch_size).run()
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    specs = [RunSpec("group", 1)]
+    calls = []
+    real = decoder.translate
+
+    def crash_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the engine crashed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "translate", crash_on_the_second)
+    with pytest.raises(RuntimeError):
+        _evaluation(tiny, tmp_path / "kept", specs).run()
+    assert (tmp_path / "kept" / "settings.json").is_file()
