@@ -58,3 +58,27 @@ def parse_int(text: str, *, minimum: int | None = None, maximum: int | None = No
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"expected {expected}, got {text!r}")
     return value
+
+
+def as_option(parse):
+    """An argparse ``type`` from a text parser that raises ValueError: argparse then
+    reports the parser's own message for the option (one line; exit 2 on the command
+    line). The library, the command line and the SimulEval agent share the parsers."""
+    import argparse
+    import functools
+
+    @functools.wraps(parse)
+    def option(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return option
+
+
+def int_option(*, minimum: int | None = None, maximum: int | None = None):
+    """The argparse ``type`` of an integer option within the bounds (:func:`parse_int`)."""
+    import functools
+
+    return as_option(functools.partial(parse_int, minimum=minimum, maximum=maximum))

@@ -8,6 +8,7 @@ engines, dtypes) live here once too.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -125,8 +126,6 @@ class DecodeConfig:
     def sampler_label(self) -> str:
         if self.sampler is None:
             return "greedy"
-        from .engine import is_greedy
-
         return "greedy" if is_greedy(self.sampler) else "custom"
 
     def settings(self, model: str, *, engine: str | None = None, **extra):
@@ -146,3 +145,14 @@ class DecodeConfig:
             layout=self.layout, system=self.system, target_start=self.target_start,
             max_tokens_per_word=self.max_tokens_per_word, max_new_words=self.max_new_words,
             stop_at_first_eos=self.stop_at_first_eos, extra=recorded)
+
+
+def is_greedy(sampler) -> bool:
+    """Whether ``sampler`` is argmax: None, or mlx-lm's greedy sampler (one function
+    object, ``make_sampler(temp=0.0)``). A sampler can only be that object once mlx-lm's
+    sample_utils is imported, so it is looked up there rather than imported: this module
+    stays MLX-free."""
+    if sampler is None:
+        return True
+    sample_utils = sys.modules.get("mlx_lm.sample_utils")
+    return sample_utils is not None and sampler is sample_utils.make_sampler(temp=0.0)

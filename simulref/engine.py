@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .cache import SOURCE, TARGET, lane_plan, make_stream_cache
+from .config import is_greedy
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,6 @@ def last_position_head(model):
     return None if head is None else (body, head)
 
 
-def is_greedy(sampler) -> bool:
-    if sampler is None:
-        return True
-    from mlx_lm.sample_utils import make_sampler
-
-    return sampler is make_sampler(temp=0.0)
 
 
 @dataclass

@@ -727,7 +727,7 @@ def quality_latency_curves(summaries: Sequence[Mapping], latency: str = "AL"):
 
 
 def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int = 0) -> list:
-    from simulref.views import plot_quality_latency, plot_staircase
+    from simulref.plots import plot_quality_latency, plot_staircase
 
     curves, offline = quality_latency_curves(summaries)
     paths = list(plot_quality_latency(curves, job.out / "quality-latency", offline=offline))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulref.checks import check_int
+from simulref.checks import check_int, parse_int
 
 # Positions are int32 in MLX's kernels: a larger --target-start cannot even be passed on
 # (2**63 ended in ``std::bad_cast``). Checked without a model; the context check follows.
@@ -39,6 +39,18 @@ FALLBACK_CONTEXT = 2048
 # Where mlx-lm model args keep the context length, by architecture family.
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "max_seq_len", "n_ctx", "context_length",
                       "seq_length")
+
+
+def parse_target_start(text: str) -> int | str:
+    """A target start written as text: ``'auto'`` or a position in ``[0, MAX_POSITION]``
+    (ValueError otherwise; the model's own context is checked once it is loaded)."""
+    if text == "auto":
+        return "auto"
+    try:
+        return parse_int(text, minimum=0, maximum=MAX_POSITION)
+    except ValueError:
+        raise ValueError(f"expected 'auto' or an integer in [0, {MAX_POSITION}], "
+                         f"got {text!r}") from None
 
 
 class ContextError(ValueError):

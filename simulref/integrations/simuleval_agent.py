@@ -95,7 +95,10 @@ class SimulRefAgent(TextToTextAgent):
 
     @staticmethod
     def add_args(parser) -> None:
-        from simulref.cli import positive_int, target_start
+        from simulref.checks import as_option, int_option
+        from simulref.limits import parse_target_start
+
+        positive_int, target_start = int_option(minimum=1), as_option(parse_target_start)
 
         # Names chosen so that SimulEval's own parsers, which see these options before
         # they are added, neither reject them nor take them for an abbreviation

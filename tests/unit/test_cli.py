@@ -20,11 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from simulref import cli, decoder, models
-from simulref.cli import main, paced, words_from_chunks, words_from_stream
+from simulref import decoder, models
+from simulref.cli import main
+from simulref.cli.args import UsageError
+from simulref.cli.eval import PlainProgress
+from simulref.cli.output import save_trace
+from simulref.cli.sources import Arrivals, paced, words_from_chunks, words_from_stream
+from simulref.cli.views import live_view, side_by_side_view
 from simulref.policy import WaitK, schedule
 from simulref.trace import Read, Write, read_traces, render_compact
-from simulref.views import live_view, side_by_side_view
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCE = "The weather is nice today"
@@ -332,7 +336,7 @@ def test_arrivals_forwards_words_and_errors():
         yield "b"
         raise OSError("gone")
 
-    arrivals = cli.Arrivals(source())
+    arrivals = Arrivals(source())
     got = []
     with pytest.raises(OSError, match="gone"):
         for word in arrivals:
@@ -471,9 +475,9 @@ def test_a_finished_trace_survives_a_failing_save(gguf, loaded, tmp_path):
             raise OSError(28, "No space left on device")
         write_traces(path, traces)
 
-    with pytest.raises(cli.UsageError, match=r"No space left on device\); the trace was saved"
+    with pytest.raises(UsageError, match=r"No space left on device\); the trace was saved"
                        ) as caught:
-        cli.save_trace(str(tmp_path / "t.jsonl"), trace, "--save", flaky)
+        save_trace(str(tmp_path / "t.jsonl"), trace, "--save", flaky)
     rescue = Path(calls[1])
     try:
         assert str(rescue) in str(caught.value)
@@ -582,7 +586,7 @@ def test_plain_progress_prints_every_interval_and_at_the_end():
     from simulref.evaluate import RunSpec
 
     lines, now = [], [0.0]
-    progress = cli.PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
+    progress = PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
     spec = RunSpec("group", 3)
     progress(spec, 2, 10)  # two sentences resumed from an earlier run
     for t, done in ((1.0, 3), (4.0, 4), (6.0, 5), (7.0, 6), (12.0, 10)):
@@ -597,7 +601,7 @@ def test_plain_progress_prints_every_interval_and_at_the_end():
 
 def test_plain_progress_of_a_batch_over_every_run():
     lines, now = [], [100.0]
-    progress = cli.PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
+    progress = PlainProgress(lines.append, clock=lambda: now[0], interval=5.0)
     progress(None, 0, 20)
     now[0] = 110.0
     progress(None, 5, 20)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from simulref.cli import add_verify_parser, run_verify_cli
+from simulref.cli.verify import add_verify_parser, run_verify_cli
 from simulref.policy import READ, Scripted, WaitK, schedule
 from simulref.prompt import DEFAULT_SYSTEM, ChatFormat, assemble
 from simulref.testing import tiny_tokenizer

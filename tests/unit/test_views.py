@@ -6,19 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from simulref.policy import WaitK, schedule
-from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
-from simulref.views import (
+from simulref.cli.views import (
     VIEWS,
     live_view,
-    plot_quality_latency,
-    plot_staircase,
     side_by_side_view,
-    staircase_points,
     status_line,
     steps,
     trace_view,
 )
+from simulref.plots import plot_quality_latency, plot_staircase, staircase_points
+from simulref.policy import WaitK, schedule
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
 
 SOURCE = "The quick brown fox jumps".split()
 

@@ -1,7 +1,7 @@
 """``simulref train``: the command-line face of :func:`simulref.finetune.train`.
 
-Its own module so that cli.py registers it with one line. Every option is checked, and
-the data read, before the model loads: a bad option costs no model load.
+Every option is checked, and the data read, before the model loads: a bad option costs no
+model load.
 """
 
 from __future__ import annotations
@@ -10,6 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from simulref.cli.args import (
+    DECODE_OPTIONS,
+    MODEL_OPTIONS,
+    UsageError,
+    load_model,
+    model_name,
+    positive_int,
+)
 from simulref.finetune import CHECKPOINT_FILE, MODES
 
 TRAIN_SETS = ("postgres-en-fr", "postgres-en-de")  # simulref/data/train/<name>.{train,valid}.tsv
@@ -32,8 +40,6 @@ def _positive_number(text: str) -> float:
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from simulref.cli import DTYPES, positive_int, target_start
-
     p = subparsers.add_parser(
         "train", help="LoRA fine-tuning with the decoder's wait-k masks (or plain batch SFT)",
         description="Fine-tune a model with LoRA on source<TAB>reference pairs and write an "
@@ -41,10 +47,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                     "--out. --mode streaming trains each target word on the source words "
                     "wait-k would have read (the decoder's own masks and group positions); "
                     "--mode batch shows every query the whole source. Resumable (--resume).")
-    p.add_argument("--model", metavar="PRESET|PATH", default=None,
-                   help="base model (default: the default preset; see `simulref models`)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: float32 on CPU, quantized on a GPU)")
+    MODEL_OPTIONS["model"].add(p, help="base model (default: the default preset; see "
+                                        "`simulref models`)")
+    MODEL_OPTIONS["dtype"].add(p)
     p.add_argument("--data", default="postgres-en-fr", metavar="NAME|FILE.tsv",
                    help=f"training pairs: {' or '.join(TRAIN_SETS)} (bundled, "
                         "simulref/data/train) or a TSV file (default: %(default)s)")
@@ -55,13 +60,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="only the first N training pairs")
     p.add_argument("--mode", choices=MODES, default="streaming",
                    help="streaming: wait-k masks; batch: whole source (default: %(default)s)")
-    p.add_argument("-k", "--k", dest="k", type=positive_int, nargs="+", default=[3],
-                   metavar="K", help="wait-k lag(s) of streaming mode; with several, each "
-                                     "pair draws one (default: 3)")
-    p.add_argument("--target-start", type=target_start, default="auto", metavar="auto|INT",
-                   help="first position of the target group (default: auto)")
-    p.add_argument("--system", default=None,
-                   help="the instruction (default: translate to the data's target language)")
+    DECODE_OPTIONS["k"].add(p, many=True, default=[3],
+                            help="wait-k lag(s) of streaming mode; with several, each pair "
+                                 "draws one (default: 3)")
+    DECODE_OPTIONS["target_start"].add(p)
+    DECODE_OPTIONS["system"].add(p, help="the instruction (default: translate to the data's "
+                                         "target language)")
     p.add_argument("--iters", type=positive_int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
     p.add_argument("--lr", type=_positive_number, default=1e-4, help="Adam learning rate")
@@ -70,7 +74,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="LoRA scale (mlx-lm's 'scale')")
     p.add_argument("--lora-layers", type=positive_int, default=16, metavar="N",
                    help="LoRA on the last N transformer blocks (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="LoRA initialisation, data order and k draws (the same seed, the same adapter)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="LoRA initialisation, data order and k draws (the same seed gives "
+                        "the same adapter)")
     p.add_argument("--steps-per-save", type=positive_int, default=25, metavar="N",
                    help="checkpoint every N steps (and at the end)")
     p.add_argument("--steps-per-eval", type=positive_int, default=None, metavar="N",
@@ -88,7 +94,6 @@ def _read(path: Path, option: str):
     """The pairs of a training TSV; a source of a bundled test set or a reserved one is
     refused (it would leak the evaluation into the model)."""
     from simulref import databuild, evaluate
-    from simulref.cli import UsageError
 
     try:
         pairs = evaluate.read_pairs(path)
@@ -103,7 +108,6 @@ def _read(path: Path, option: str):
 
 def run_train(args) -> int:
     from simulref import evaluate, finetune
-    from simulref.cli import UsageError, load_model, model_name
 
     bundled = args.data in TRAIN_SETS
     path = train_file(args.data, "train") if bundled else Path(args.data)

@@ -1,0 +1,92 @@
+"""``simulref watch``: a terminal view of source words arriving and target words
+appearing (live, side by side, or one row per event)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+
+from simulref.cli.args import (
+    EXIT_INTERRUPTED,
+    UsageError,
+    add_model_options,
+    check_context,
+    load_model,
+    non_negative_float,
+    rebase_times,
+    trace_settings,
+)
+from simulref.cli.output import _check_writable, save_trace, stdout_console
+from simulref.cli.sources import Arrivals, _source_name, paced, source_words
+from simulref.cli.translate import collect, stream_events
+
+WATCH_MODES = ("live", "side-by-side", "trace")
+
+
+def add_watch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "watch", help="watch source words arrive and target words appear",
+        description="A terminal view of a simultaneous translation. TEXT '-' reads stdin "
+                    "word by word as it arrives (e.g. `asr | simulref watch -`); --delay "
+                    "replays a fixed TEXT at a given pace.")
+    p.add_argument("text", nargs="?", metavar="TEXT", help="source sentence, or - for stdin")
+    add_model_options(p)
+    p.add_argument("--mode", choices=WATCH_MODES, default="live",
+                   help="live: two growing lines; side-by-side: what was read and written "
+                        "at each step; trace: one row per event with its time (default: live)")
+    p.add_argument("--delay", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="pause between source words of a fixed TEXT (default: 0)")
+    p.add_argument("--save", metavar="FILE.jsonl", default=None,
+                   help="also write the trace to FILE.jsonl")
+    p.set_defaults(run=run_watch)
+
+
+def watch(events: Iterator, arrivals: Arrivals, view: Callable, console) -> tuple[list, bool]:
+    """Drain ``events`` while showing ``view(events so far, words arrived)`` live on a
+    terminal; elsewhere (a pipe, a file) print only the final frame."""
+    from rich.live import Live
+
+    shown: list = []
+
+    def frame():
+        return view(list(shown), list(arrivals.words))
+
+    if not console.is_terminal:
+        result = collect(events, shown.append)
+        console.print(frame())
+        return result
+    with Live(get_renderable=frame, console=console, refresh_per_second=8,
+              redirect_stdout=False, redirect_stderr=False) as live:
+        def on_event(event) -> None:
+            shown.append(event)
+            live.refresh()
+
+        return collect(events, on_event)
+
+
+def run_watch(args) -> int:
+    from simulref.cli.views import VIEWS, trace_view
+    from simulref.trace import Read, Trace, write_traces
+
+    if args.delay and (args.text is None or args.text == "-"):
+        raise UsageError("--delay: only with a fixed TEXT (stdin sets its own pace)")
+    if args.save is not None:
+        _check_writable(args.save, "--save")
+    source = source_words(args.text)
+    model, tokenizer = load_model(args.model, args.dtype, args.adapter)
+    check_context(model, tokenizer, source, args, what=_source_name(args.text))
+    if args.delay:
+        source = paced(source, args.delay)
+    start = time.monotonic()
+    arrivals = Arrivals(source)
+    view = VIEWS[args.mode]
+    if view is trace_view:
+        view = functools.partial(trace_view, t0=start)
+    events, interrupted = watch(stream_events(args, arrivals, model, tokenizer), arrivals,
+                                view, stdout_console())
+    if args.save is not None:
+        words = tuple(e.word for e in events if isinstance(e, Read))
+        trace = Trace(trace_settings(args, arrivals, model), words, tuple(events))
+        save_trace(args.save, rebase_times(trace, start), "--save", write_traces)
+    return EXIT_INTERRUPTED if interrupted else 0
