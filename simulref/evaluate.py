@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 
 from .atomic import append_line, atomic_write
-from .config import DecodeConfig
+from .config import DecodeConfig, is_greedy
 from .metrics import METRICS
 
 # Dataset name -> (package data file, target language name for the instruction).
@@ -256,8 +256,6 @@ def option_value(value):
     if isinstance(value, (list, tuple)):
         return [option_value(v) for v in value]
     if callable(value):
-        from .engine import is_greedy
-
         return "greedy" if is_greedy(value) else f"custom {value!r}"
     return repr(value)
 
