@@ -21,6 +21,10 @@ DEMO_SENTENCE = "The weather is nice today, so we are going to walk in the park.
 # audio packages; its scorers and text agents need only these.
 SIMULEVAL = ["simuleval==1.1.4"]
 SIMULEVAL_NEEDS = ["pandas", "pyyaml", "textgrid", "requests", "tqdm"]
+# OmniSTEval, pinned: the cross-checks hold our YAAL, degeneracy figures and long-form
+# resegmentation to its code. Its mosestokenizer is only for its --lang option.
+OMNISTEVAL = ["omnisteval==0.1.10"]
+OMNISTEVAL_NEEDS = ["pyyaml", "sacrebleu"]
 
 
 def _install(session: nox.Session, extras: str = "test") -> None:
@@ -33,11 +37,17 @@ def _install_simuleval(session: nox.Session) -> None:
     session.install(*SIMULEVAL_NEEDS)
 
 
+def _install_omnisteval(session: nox.Session) -> None:
+    session.install("--no-deps", *OMNISTEVAL)
+    session.install(*OMNISTEVAL_NEEDS)
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and golden tests (the golden ones download the small preset once)."""
     _install(session)
     _install_simuleval(session)
+    _install_omnisteval(session)
     session.run(
         "pytest", "tests/unit", "tests/golden", "--hypothesis-profile=ci", *session.posargs,
         env={"PYTHONHASHSEED": "0"},

@@ -28,6 +28,10 @@ _EXPORTS = {
     "NEED_INPUT": "simulref.decoder",
     "WaitK": "simulref.policy",
     "ReadAll": "simulref.policy",
+    "Confidence": "simulref.policy",
+    "LocalAgreement": "simulref.policy",
+    "Candidate": "simulref.policy",
+    "parse_policy": "simulref.policy",
     "ChatFormat": "simulref.prompt",
     "DEFAULT_SYSTEM": "simulref.prompt",
     "Prompt": "simulref.prompt",
@@ -40,6 +44,8 @@ _EXPORTS = {
     "DroppedEos": "simulref.trace",
     "BlankRun": "simulref.trace",
     "Finish": "simulref.trace",
+    "Look": "simulref.trace",
+    "Hypothesis": "simulref.trace",
     "Settings": "simulref.trace",
     "Trace": "simulref.trace",
     "read_traces": "simulref.trace",
@@ -51,6 +57,7 @@ _EXPORTS = {
     "check_prompt": "simulref.verify",
     "check_schedule": "simulref.verify",
     "check_trace": "simulref.verify",
+    "check_policy": "simulref.verify",
     "compare_traces": "simulref.verify",
 }
 

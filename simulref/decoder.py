@@ -40,9 +40,9 @@ from .engine import (
     supports_row_offsets,
 )
 from .limits import context_length
-from .policy import READ
+from .policy import LOOK, READ, Candidate, decide, is_agreement
 from .prompt import template_for
-from .trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Trace, Write
+from .trace import BlankRun, DroppedEos, Finish, Look, Read, SourceEnd, Trace, Write
 
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
 # Finish reason of a run whose next read or token would not fit in the model's context.
@@ -386,9 +386,31 @@ class _Run:
         return self.source_tokens + len(self.engine.fed) + tokens + 1 <= self.context
 
     def _reads_after_word(self) -> bool:
-        """Whether the policy reads once the word being written is written."""
-        return self.policy.decide(self.read, self.written + 1, self.source_done,
-                                  self.source.length) is READ
+        """Whether the policy reads once the word being written is written. An observing
+        policy that must look first cannot say yet: the bet is on writing (a wrong bet
+        costs a dropped step, never a different trace)."""
+        return decide(self.policy, self.read, self.written + 1, self.source_done,
+                      self.source.length) is READ
+
+    def _policy_reads(self, looks: list) -> bool:
+        """Ask the policy before the next word (the source not done). An observing policy
+        that answers LOOK gets the candidate (the engine's next token and its
+        probability, computed for the word anyway), recorded in ``looks``."""
+        def look() -> Candidate:
+            if self.engine.probs is None:
+                raise ValueError(f"policy: {self.policy!r} answered LOOK; an observing "
+                                 "policy says so with a class attribute observes = True")
+            token = self.engine.peek(True)
+            candidate = Candidate((token,), (self.engine.peek_prob(),))
+            looks.append(Look(self.read, candidate.token_ids, candidate.probs,
+                              time.monotonic()))
+            return candidate
+
+        # The header goes in before the first look: where it does not fit, no look, and
+        # the write below ends the run at the context limit.
+        can_look = bool(self.engine.fed) or self._fits(len(self.template.header_ids) - 1)
+        return decide(self.policy, self.read, self.written, False, self.source.length,
+                      look if can_look else None) is READ
 
     def _forecast(self, word_length: int, content: bool, reads_after_word: bool,
                   room: bool) -> Forecast:
@@ -433,13 +455,17 @@ class _Run:
                 return
             # Nothing is written before the first word is read: there is nothing to
             # translate yet (and an EOS could not be attributed to a word).
-            if not self.source_done and (
-                    force_read or self.read == 0
-                    or self.policy.decide(self.read, self.written, False,
-                                          self.source.length) is READ):
+            looks: list = []
+            reads = not self.source_done and (force_read or self.read == 0
+                                              or self._policy_reads(looks))
+            yield from looks
+            if reads:
                 event = self._read()
                 if event is NEED_INPUT:
-                    yield event  # the caller pushes a word; force_read still holds
+                    # The caller pushes a word; the decision stands (an observing policy
+                    # is not asked, nor its look recorded, twice).
+                    force_read = True
+                    yield event
                     continue
                 if event is CONTEXT_LIMIT:
                     yield Finish(CONTEXT_LIMIT, time.monotonic())
@@ -568,11 +594,26 @@ def _make_run(model, tokenizer, source, config: DecodeConfig, on_forward=None, *
     word_ids = ({} if words.length is None else
                 {i: tuple(template.word_ids(i, w)) for i, w in enumerate(words.known)})
     context = context_length(model)
+    if is_agreement(config.the_policy()):
+        if make_engine is not None:
+            raise ValueError("policy: LocalAgreement does not run in a batch yet; decode "
+                             "it one sentence at a time")
+        from .agreement import make_agreement_run
+
+        return make_agreement_run(config, model, template, words, word_ids,
+                                  config.the_policy(), token_table(tokenizer),
+                                  frozenset(tokenizer.eos_token_ids), on_forward, context)
     if make_engine is None:
         engine = _make_engine(config, model, template, words, word_ids, on_forward, context)
     else:
         engine = make_engine(template, words, word_ids, context)
-    return _Run(engine, template, words, word_ids, config.the_policy(), token_table(tokenizer),
+    policy = config.the_policy()
+    if getattr(policy, "observes", False):
+        if not callable(getattr(engine, "observe", None)):
+            raise ValueError(f"policy: {policy!r} looks at the model, which a batched row "
+                             "does not support yet; decode it one sentence at a time")
+        engine.observe()
+    return _Run(engine, template, words, word_ids, policy, token_table(tokenizer),
                 frozenset(tokenizer.eos_token_ids), config.max_tokens_per_word,
                 config.max_new_words, config.stop_at_first_eos, context)
 

@@ -109,12 +109,14 @@ class Lookahead:
     in_cache: bool = False
     after: object = None
 
+    sample: object = None  # the lazy array ``token`` was read from (its probability)
+
     def clear(self) -> None:
-        self.token, self.in_cache, self.after = None, False, None
+        self.token, self.in_cache, self.after, self.sample = None, False, None, None
 
     def set(self, y) -> int:
         """A freshly sampled token (not fed yet) becomes the one to peek at."""
-        self.token, self.in_cache, self.after = y.item(), False, None
+        self.token, self.in_cache, self.after, self.sample = y.item(), False, None, y
         return self.token
 
     def advance(self, feed: Callable, token: int, speculate: bool) -> None:
@@ -131,7 +133,7 @@ class Lookahead:
             self.in_cache = True
         else:
             self.after, self.in_cache = None, False
-        self.token = y.item()
+        self.token, self.sample = y.item(), y
 
 
 class _Engine:
@@ -149,6 +151,28 @@ class _Engine:
         self.sampler = sampler
         self.on_forward = on_forward
         self.split = last_position_head(model)
+        # (an observing policy) id of each recent sample -> (sample, its lazy probability)
+        self.probs: dict | None = None
+
+    def observe(self) -> None:
+        """An observing policy runs: keep the probability of every token sampled, for
+        :meth:`peek_prob`. Called before ``start``."""
+        self.probs = {}
+
+    def peek_prob(self) -> float:
+        """The probability of the token :meth:`peek` gave, under the logits it was
+        sampled from (softmax; the budget it was sampled at). No forward: those logits
+        were computed for the token anyway."""
+        if self.probs is None:
+            raise AssertionError("decoder: peek_prob() without observe()")
+        sample = self._peeked_sample()
+        entry = self.probs.get(id(sample))
+        if entry is None or entry[0] is not sample:
+            raise AssertionError("decoder: no probability kept for the peeked token")
+        return float(entry[1].item())
+
+    def _peeked_sample(self):
+        return self.ahead.sample
 
     def _last_logits(self, batch):
         """The model on ``batch`` (rows x n); the last position's logits of every row."""
@@ -192,8 +216,15 @@ class _Engine:
         import mlx.core as mx
 
         if self.greedy:
-            return mx.argmax(logits, axis=-1)
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            y = mx.argmax(logits, axis=-1)
+        else:
+            y = self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if self.probs is not None:
+            picked = mx.take_along_axis(logits, y.reshape(-1, 1), axis=-1)[:, 0]
+            self.probs[id(y)] = (y, mx.exp(picked - mx.logsumexp(logits, axis=-1)))
+            while len(self.probs) > 8:  # only the last few samples can still be peeked
+                del self.probs[next(iter(self.probs))]
+        return y
 
     def _trim(self, n: int) -> None:
         for cache in self.caches:
@@ -517,6 +548,13 @@ class PrefilledEngine(_Engine):
     @property
     def budget(self) -> int:
         return self.ends[self.read_count]
+
+    def observe(self) -> None:
+        # The pipelined steps forecast the loop's choice on the device from the token
+        # alone; an observing policy's choice hangs on a probability the host reads, so
+        # the steps go one at a time (the two-budget rows still save the re-feed).
+        super().observe()
+        self.pipelined = False
 
     # -- the loop's calls
 

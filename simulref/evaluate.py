@@ -459,10 +459,13 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
     latency_ref: dict[str, list[float]] = {}
     latency_hyp: dict[str, list[float]] = {}
     empty = 0
+    schedules = []  # (delays, |X|, |Y|) per sentence with output, for the degeneracy test
     for trace, reference in zip(traces, references, strict=True):
         if not metrics.hypothesis_delays(trace):
             empty += 1
             continue
+        schedules.append(([d for d, _ in metrics.hypothesis_delays(trace)],
+                          len(trace.source_words), len(reference.split())))
         scores = metrics.latency_scores(trace, len(reference.split()),
                                         word_duration=word_duration)
         for key, value in scores.items():
@@ -485,6 +488,8 @@ def summarize(spec: RunSpec, pairs: Sequence[Pair], records: Sequence[Mapping], 
         "chrf": quality.corpus_chrf(hypotheses, references) if indices else float("nan"),
         "latency_reference_length": {k: _mean(v) for k, v in latency_ref.items()},
         "latency_hypothesis_length": {k: _mean(v) for k, v in latency_hyp.items()},
+        # OmniSTEval's SWF, EFSW, DSPTV and "likely degenerate" flag (|Y| = reference).
+        "degeneracy": metrics.degeneracy(schedules),
         "word_duration": word_duration,
         "generated_tokens": tokens,
         "seconds": seconds,
@@ -742,6 +747,7 @@ def write_plots(job: Evaluation, summaries: Sequence[Mapping], *, sentence: int 
 
 
 TABLE_LATENCY = METRICS
+TABLE_OMNISTEVAL = ("YAAL",)  # OmniSTEval's short-form latency (simulref.metrics.yaal)
 
 
 def results_table(summaries: Sequence[Mapping]):
@@ -761,6 +767,34 @@ def results_table(summaries: Sequence[Mapping]):
             _fmt(latency.get("AL_CA")), _fmt(s["tokens_per_s"]),
         )
     return table
+
+
+def omnisteval_table(summaries: Sequence[Mapping]):
+    """A rich Table of OmniSTEval's short-form scores, one row per run: YAAL (CU, and CA
+    in s) and the degeneracy test. Separate from :func:`results_table`, which already
+    fills an 80-column terminal."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="OmniSTEval: YAAL in source words, CA-YAAL in s; SWF, EFSW, DSPTV "
+                  "in %; degenerate: |DSPTV| > 20",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("run", *TABLE_OMNISTEVAL, "CA-YAAL", "SWF", "EFSW", "DSPTV", "degenerate"):
+        table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
+    for s in summaries:
+        latency = s["latency_reference_length"]
+        degeneracy = s.get("degeneracy") or {}  # absent from summaries stored before it
+        table.add_row(
+            s["run"], *(_fmt(latency.get(name)) for name in TABLE_OMNISTEVAL),
+            _fmt(latency.get("YAAL_CA")),
+            *(_fmt(degeneracy.get(name)) for name in ("SWF", "EFSW", "DSPTV")),
+            _yes_no(degeneracy.get("degenerate")),
+        )
+    return table
+
+
+def _yes_no(flag) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def _fmt(value) -> str:

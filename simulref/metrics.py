@@ -1,7 +1,9 @@
 """Latency metrics for simultaneous translation (pure; no MLX, no numpy).
 
 The definitions follow SimulEval 1.1.4's text-to-text scorers
-(``simuleval/evaluator/scorers/latency_scorer.py``); ``docs/metrics.md`` gives the
+(``simuleval/evaluator/scorers/latency_scorer.py``); YAAL and the degeneracy diagnostics
+follow OmniSTEval 0.1.10 (``omnisteval/scoring.py``: ``YAALScorer``,
+``ShortformDegeneracyScorer``). ``docs/metrics.md`` gives the
 formulas, the conventions and where this module deliberately differs (bad input raises
 ``ValueError`` here where SimulEval divides by zero or asserts).
 
@@ -14,7 +16,7 @@ so the computation-aware variants are the same functions applied to elapsed time
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from numbers import Real
 
 from simulref.checks import is_int
@@ -26,6 +28,9 @@ __all__ = [
     "laal",
     "dal",
     "atd",
+    "yaal",
+    "degeneracy",
+    "DEGENERACY_THRESHOLD",
     "hypothesis_delays",
     "computation_aware_delays",
     "latency_scores",
@@ -181,6 +186,76 @@ def atd(
     return math.fsum(lags) / len(lags)
 
 
+def yaal(delays: Sequence[float], source_length: float, reference_length: float) -> float | None:
+    """Yet Another Average Lagging (Polák et al. 2025), short-form, as OmniSTEval computes it.
+
+    LAAL's lags ``d_i - (i-1) |X| / max(n, reference_length)``, averaged over the words
+    written *before the source ended* (``d_i < |X|``; LAAL also counts the first word at
+    ``|X|``). None when even the first word came at or after the end (``d_1 >= |X|``):
+    YAAL is undefined there and OmniSTEval skips the instance, so a corpus mean is over
+    the defined ones. ``reference_length = n`` gives the hypothesis-length variant."""
+    d = _delays(delays)
+    x = _positive("source_length", source_length)
+    y = max(len(d), _positive("reference_length", reference_length))
+    if d[0] >= x:
+        return None
+    # Words after the end of the source are no longer simultaneous: they are cut, not
+    # averaged in (a degenerate policy that waits for the end scores by its early words).
+    lags = [di - i * x / y for i, di in enumerate(d) if di < x]
+    return math.fsum(lags) / len(lags)
+
+
+DEGENERACY_THRESHOLD = 20.0  # |DSPTV| above this (percentage points): likely degenerate
+
+
+def degeneracy(
+    schedules: Iterable[tuple[Sequence[float], float, float]],
+) -> dict[str, float | bool | None]:
+    """OmniSTEval's short-form degeneracy diagnostics of a corpus (percent, 0-100).
+
+    ``schedules``: per sentence ``(delays, source_length, reference_length)``, the delays
+    possibly empty (a sentence without output adds nothing). A policy that writes most
+    words only once the source has ended is "degenerate": its latency scores say little.
+
+    - ``SWF`` (simultaneous words fraction): ``100 * sum_s #{d_i < |X_s|} / sum_s n_s``,
+      micro-averaged over all words of all sentences.
+    - ``EFSW`` (expected fraction of simultaneous words): ``100 * sum_s max(0, |X_s| -
+      YAAL_s) / sum_s |X_s|`` over the sentences whose YAAL is defined: the share of the
+      source that comes before the average lag.
+    - ``DSPTV`` (degenerate simultaneous policy test value): ``EFSW - SWF`` (OmniSTEval's
+      code; its docstring says ``SWF - EFSW``; the flag takes the absolute value).
+    - ``degenerate``: ``|DSPTV| > 20``; False when DSPTV is undefined (as OmniSTEval).
+
+    No words at all: every value NaN and ``degenerate`` None."""
+    simultaneous = words = 0
+    efsw_num: list[float] = []
+    efsw_den: list[float] = []
+    for n, item in enumerate(schedules):
+        if not isinstance(item, tuple) or len(item) != 3:
+            raise TypeError(
+                f"schedules[{n}] must be a (delays, source_length, reference_length) tuple"
+            )
+        delays, source_length, reference_length = item
+        x = _positive(f"schedules[{n}] source_length", source_length)
+        if isinstance(delays, Sequence) and not isinstance(delays, (str, bytes)) and not delays:
+            continue  # no output: no words to count (OmniSTEval adds nothing either)
+        d = _delays(delays, f"schedules[{n}] delays")
+        simultaneous += sum(di < x for di in d)
+        words += len(d)
+        lag = yaal(d, x, reference_length)
+        if lag is not None:
+            efsw_num.append(max(0.0, x - lag))
+            efsw_den.append(x)
+    nan = float("nan")
+    if words == 0:
+        return {"SWF": nan, "EFSW": nan, "DSPTV": nan, "degenerate": None}
+    swf = 100.0 * simultaneous / words
+    efsw = 100.0 * math.fsum(efsw_num) / math.fsum(efsw_den) if efsw_den else nan
+    dsptv = efsw - swf
+    return {"SWF": swf, "EFSW": efsw, "DSPTV": dsptv,
+            "degenerate": bool(abs(dsptv) > DEGENERACY_THRESHOLD)}
+
+
 # ---------------------------------------------------------------------------- traces
 
 
@@ -240,13 +315,15 @@ def latency_scores(
     word_duration: float | None = None,
     start: float = 0.0,
 ) -> dict[str, float]:
-    """AP, AL, LAAL, DAL and ATD of one trace, in source words.
+    """AP, AL, LAAL, DAL, ATD and YAAL of one trace, in source words.
 
     ``|Y|`` is ``reference_length`` when given (SimulEval's default, reference words) and
     the hypothesis length otherwise (SimulEval's ``--no-use-ref-len``). With
     ``word_duration`` (seconds per source word) the computation-aware ``AP_CA`` ...
     ``ATD_CA`` are added, in seconds (AP_CA unit-free), with event times counted from
-    ``start`` (see :func:`computation_aware_delays`)."""
+    ``start`` (see :func:`computation_aware_delays`). ``YAAL`` (``YAAL_CA``) is left
+    out when it is undefined (the first word came after the source ended: OmniSTEval
+    skips such a sentence), so a mean over sentences is OmniSTEval's."""
     hyp = hypothesis_delays(trace)
     if not hyp:
         raise ValueError(
@@ -272,6 +349,8 @@ def latency_scores(
         "DAL": dal(d, x),
         "ATD": atd(d),
     }
+    if (lag := yaal(d, x, y)) is not None:
+        scores["YAAL"] = lag
     if word_duration is not None:
         elapsed, duration = computation_aware_delays(trace, word_duration, start=start)
         compute = _compute_times(hyp, start)
@@ -282,4 +361,6 @@ def latency_scores(
             "DAL_CA": dal(elapsed, duration),
             "ATD_CA": atd(d, compute, word_duration=word_duration),
         }
+        if (lag := yaal(elapsed, duration, y)) is not None:
+            scores["YAAL_CA"] = lag
     return scores

@@ -2,7 +2,7 @@
 
 A :class:`Trace` is what one simultaneous translation did, in order: which source word
 was read when, which target word was written when, and why it stopped. It serializes to
-JSON Lines (``simulref.trace/3``, see ``docs/trace-format.md`` and
+JSON Lines (``simulref.trace/4``, see ``docs/trace-format.md`` and
 ``simulref/schema/trace.schema.json``): one header record, then one record per event,
 keys sorted, so that snapshots diff line by line.
 """
@@ -20,11 +20,17 @@ from typing import Any
 from .atomic import atomic_write
 from .checks import check_int, is_int
 
-SCHEMA_VERSION = "simulref.trace/3"
+SCHEMA_VERSION = "simulref.trace/4"
 # Older versions this reader still accepts, with the event records each lacks.
-# /2 is /3 without the source_end record; /1 is /2 without the blank_run record.
-OLDER_SCHEMAS = {"simulref.trace/2": frozenset({"source_end"}),
-                 "simulref.trace/1": frozenset({"blank_run", "source_end"})}
+# /3 is /4 without the look and hypothesis records (observing policies); /2 is /3 without
+# the source_end record; /1 is /2 without the blank_run record.
+OLDER_SCHEMAS = {"simulref.trace/3": frozenset({"look", "hypothesis"}),
+                 "simulref.trace/2": frozenset({"look", "hypothesis", "source_end"}),
+                 "simulref.trace/1": frozenset({"look", "hypothesis", "blank_run",
+                                                "source_end"})}
+# A trace without look or hypothesis records is written as /3, which it is: the traces
+# of count-only policies (and their snapshots) stay byte for byte what they were.
+_PLAIN_SCHEMA = "simulref.trace/3"
 
 FINISH_REASONS = (
     "eos", "max_new_words", "max_tokens_per_word", "early_eos", "cancelled", "empty_source",
@@ -148,6 +154,54 @@ class SourceEnd:
         object.__setattr__(self, "t", _time("SourceEnd", self.t))
 
 
+def _probs(owner: str, value: object, n: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{owner}.probs must be a sequence of floats, got {value!r}")
+    probs = tuple(value)
+    if len(probs) != n:
+        raise ValueError(f"{owner}.probs must hold one probability per token id ({n}), "
+                         f"got {len(probs)}")
+    for p in probs:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{owner}.probs must hold probabilities in [0, 1], got {p!r}")
+    return tuple(float(p) for p in probs)
+
+
+@dataclass(frozen=True)
+class Look:
+    """An observing policy looked at the model's candidate for the next word after
+    ``read`` source words: ``token_ids`` (its first token) and their ``probs`` under that
+    budget. The next event says what it decided (a read, or the word written)."""
+
+    read: int
+    token_ids: tuple[int, ...]
+    probs: tuple[float, ...]
+    t: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_index("Look", "read", self.read)
+        ids = _token_tuple("Look", self.token_ids)
+        object.__setattr__(self, "token_ids", ids)
+        object.__setattr__(self, "probs", _probs("Look", self.probs, len(ids)))
+        object.__setattr__(self, "t", _time("Look", self.t))
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """LocalAgreement translated again after ``read`` source words: ``token_ids`` is the
+    whole hypothesis from the target's start (the committed words first, EOS left out).
+    The writes that follow it are the words it committed."""
+
+    read: int
+    token_ids: tuple[int, ...]
+    t: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_index("Hypothesis", "read", self.read)
+        object.__setattr__(self, "token_ids", _token_tuple("Hypothesis", self.token_ids))
+        object.__setattr__(self, "t", _time("Hypothesis", self.t))
+
+
 @dataclass(frozen=True)
 class Finish:
     """The translation ended; ``reason`` is one of :data:`FINISH_REASONS`."""
@@ -164,9 +218,9 @@ class Finish:
         object.__setattr__(self, "t", _time("Finish", self.t))
 
 
-Event = Read | Write | DroppedEos | BlankRun | SourceEnd | Finish
+Event = Read | Write | DroppedEos | BlankRun | SourceEnd | Look | Hypothesis | Finish
 
-_EVENT_TYPES = (Read, Write, DroppedEos, BlankRun, SourceEnd, Finish)
+_EVENT_TYPES = (Read, Write, DroppedEos, BlankRun, SourceEnd, Look, Hypothesis, Finish)
 
 # JSON scalars only: an option must survive the JSON round trip and keep Settings hashable.
 _Scalar = str | int | float | bool | None
@@ -354,10 +408,21 @@ class Trace:
             raise ValueError(f"expected exactly one trace, found {len(traces)}")
         return traces[0]
 
+    @property
+    def schema(self) -> str:
+        """The version this trace is written as: the oldest that holds its records."""
+        if any(isinstance(e, (Look, Hypothesis)) for e in self.events):
+            return SCHEMA_VERSION
+        return _PLAIN_SCHEMA
+
+    @property
+    def hypotheses(self) -> tuple[Hypothesis, ...]:
+        return tuple(e for e in self.events if isinstance(e, Hypothesis))
+
     def _header(self) -> dict[str, Any]:
         return {
             "record": "trace",
-            "schema": SCHEMA_VERSION,
+            "schema": self.schema,
             "settings": self.settings.to_dict(),
             "source_words": list(self.source_words),
             # Derived, for readers that don't want to replay the events.
@@ -374,7 +439,7 @@ def _dumps(record: Mapping[str, Any]) -> str:
 
 _EVENT_RECORD = {
     Read: "read", Write: "write", DroppedEos: "dropped_eos", BlankRun: "blank_run",
-    SourceEnd: "source_end", Finish: "finish",
+    SourceEnd: "source_end", Look: "look", Hypothesis: "hypothesis", Finish: "finish",
 }
 # The "record" name of each event class in JSON Lines, and back (verify reads with it).
 RECORD_EVENT = {v: k for k, v in _EVENT_RECORD.items()}
@@ -386,7 +451,7 @@ def _event_record(e: Event, *, times: bool) -> dict[str, Any]:
         if f.name == "t" and not times:
             continue
         value = getattr(e, f.name)
-        record[f.name] = list(value) if f.name == "token_ids" else value
+        record[f.name] = list(value) if f.name in ("token_ids", "probs") else value
     return record
 
 
@@ -516,6 +581,8 @@ def _event(record: Mapping[str, Any]) -> Event:
     kwargs = {name: record[name] for name in keys}
     if "token_ids" in kwargs and not isinstance(kwargs["token_ids"], list):
         raise TypeError(f"token_ids must be a list of ints, got {kwargs['token_ids']!r}")
+    if "probs" in kwargs and not isinstance(kwargs["probs"], list):
+        raise TypeError(f"probs must be a list of floats, got {kwargs['probs']!r}")
     return cls(**kwargs)
 
 
@@ -575,7 +642,9 @@ def render_compact(trace: Trace) -> str:
     """One line for humans: ``R The  R quick  W Le  E  F:eos``.
 
     ``R`` read, ``W`` write (its stripped word), ``E`` a dropped EOS, ``B`` a blank run,
-    ``R$`` the end of a live source (its suffix read alone), ``F:<reason>`` the finish.
+    ``R$`` the end of a live source (its suffix read alone), ``L p`` a look (the
+    candidate's first probability), ``H n`` a hypothesis of n tokens, ``F:<reason>`` the
+    finish.
     Empty words or words with spaces are shown JSON-quoted."""
     parts: list[str] = []
     for e in trace.events:
@@ -589,6 +658,10 @@ def render_compact(trace: Trace) -> str:
             parts.append("B")
         elif isinstance(e, SourceEnd):
             parts.append("R$")
+        elif isinstance(e, Look):
+            parts.append(f"L {e.probs[0]:.2f}")
+        elif isinstance(e, Hypothesis):
+            parts.append(f"H {len(e.token_ids)}")
         else:
             parts.append(f"F:{e.reason}")
     return "  ".join(parts)

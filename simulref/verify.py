@@ -36,6 +36,8 @@ from .trace import (
     Event,
     Finish,
     HeaderDisagreement,
+    Hypothesis,
+    Look,
     Read,
     Settings,
     SourceEnd,
@@ -165,6 +167,11 @@ def describe_event(event: Event | None) -> str:
     if isinstance(event, SourceEnd):
         return (f"source end after {event.source_index} word(s) "
                 f"token_ids {list(event.token_ids)}")
+    if isinstance(event, Look):
+        return (f"look after {event.read} word(s) token_ids {list(event.token_ids)} "
+                f"probs {list(event.probs)}")
+    if isinstance(event, Hypothesis):
+        return f"hypothesis after {event.read} word(s) token_ids {list(event.token_ids)}"
     if isinstance(event, Finish):
         return f"finish {_show(event.reason)}"
     return repr(event)
@@ -416,6 +423,142 @@ def check_trace(trace: Trace, k: int | None = None) -> list[Violation]:
     out += _check_finish_events(trace)
     out += _check_times(trace)
     out += _Replay(trace, k).run()
+    out += check_policy(trace)
+    return out
+
+
+# ------------------------------------------------------------------ observing policies
+
+
+def recorded_policy(trace: Trace):
+    """The policy a trace's settings name (``extra.policy``, in
+    :func:`simulref.policy.parse_policy`'s syntax), or None when it names none or one
+    that does not parse (a user's own policy)."""
+    from .policy import parse_policy
+
+    name = trace.settings.option("policy")
+    if not isinstance(name, str):
+        return None
+    try:
+        return parse_policy(name)
+    except ValueError:
+        return None
+
+
+def check_policy(trace: Trace, policy=None) -> list[Violation]:
+    """The rule of an observing policy, from the trace alone. ``policy`` defaults to the
+    one the settings name; wait-k's rule is :func:`check_trace`'s.
+
+    - Confidence (rule ``policy.confidence``): before the source ended, every write comes
+      right after a look at its first token with probability >= threshold, and every read
+      past ``k_min`` words (not forced by a dropped EOS or a blank run) right after a look
+      below it.
+    - LocalAgreement (rule ``policy.local_agreement``): commits come right after a
+      hypothesis; everything committed lies in the common prefix of the last n
+      hypotheses (of the last one once the source ended, or at the context limit); and
+      each hypothesis starts with everything committed before it (never retracted).
+    """
+    from .policy import Confidence, LocalAgreement
+
+    policy = recorded_policy(trace) if policy is None else policy
+    if isinstance(policy, Confidence):
+        return _check_confidence(trace, policy)
+    if isinstance(policy, LocalAgreement):
+        return _check_agreement(trace, policy)
+    return []
+
+
+def _source_ended_flags(trace: Trace) -> list[bool]:
+    """Per event: whether the source had ended before it (a live source ends at its
+    SourceEnd; a known one with the read of its last word, which carries the suffix)."""
+    live = any(isinstance(e, SourceEnd) for e in trace.events)
+    n, read, ended, out = len(trace.source_words), 0, False, []
+    for e in trace.events:
+        out.append(ended)
+        if isinstance(e, Read):
+            read += 1
+            ended = ended or (not live and read >= n)
+        elif isinstance(e, SourceEnd):
+            ended = True
+    return out
+
+
+def _check_confidence(trace: Trace, policy) -> list[Violation]:
+    out, rule, read = [], "policy.confidence", 0
+    ended = _source_ended_flags(trace)
+    events = trace.events
+    for j, e in enumerate(events):
+        before = events[j - 1] if j else None
+        if isinstance(e, Write) and not ended[j]:
+            if not isinstance(before, Look):
+                out.append(Violation(rule, "before the source ended, a word is written only "
+                                     "right after a look", event_index=j,
+                                     target_index=e.target_index, expected="look",
+                                     actual=describe_event(before)))
+            elif not policy.confident(before.probs[0]) or read < policy.k_min:
+                out.append(Violation(rule, f"written below the threshold {policy.threshold} "
+                                     f"(or before k_min={policy.k_min} words)",
+                                     event_index=j, target_index=e.target_index,
+                                     expected=Bound(">=", policy.threshold),
+                                     actual=before.probs[0]))
+            elif e.token_ids[:1] != before.token_ids[:1]:
+                out.append(Violation(rule, "the word written starts with the token looked "
+                                     "at", event_index=j, target_index=e.target_index,
+                                     expected=list(before.token_ids[:1]),
+                                     actual=list(e.token_ids[:1])))
+        elif isinstance(e, (Read, SourceEnd)):
+            forced = isinstance(before, (DroppedEos, BlankRun))
+            if read >= policy.k_min and not forced and not ended[j]:
+                if not isinstance(before, Look) or policy.confident(before.probs[0]):
+                    out.append(Violation(rule, "past k_min, a word is read only after a "
+                                         "look below the threshold", event_index=j,
+                                         expected=Bound("<", policy.threshold),
+                                         actual=describe_event(before)))
+        if isinstance(e, Read):
+            read += 1
+    return out
+
+
+def _check_agreement(trace: Trace, policy) -> list[Violation]:
+    out, rule = [], "policy.local_agreement"
+    ended = _source_ended_flags(trace)
+    at_limit = trace.finish_reason == "context_limit"
+    hypotheses: list[tuple[int, ...]] = []
+    committed: list[int] = []
+    final = False
+    events = trace.events
+    for j, e in enumerate(events):
+        if isinstance(e, Hypothesis):
+            if list(e.token_ids[:len(committed)]) != committed:
+                out.append(Violation(rule, "a hypothesis starts with everything committed "
+                                     "(commits are never retracted)", event_index=j,
+                                     expected=list(committed),
+                                     actual=list(e.token_ids[:len(committed)])))
+            hypotheses.append(e.token_ids)
+            final = ended[j] or at_limit and not any(
+                isinstance(x, Hypothesis) for x in events[j + 1:])
+        elif isinstance(e, Write):
+            before = events[j - 1] if j else None
+            if not isinstance(before, (Hypothesis, Write)):
+                out.append(Violation(rule, "words are committed right after a hypothesis",
+                                     event_index=j, target_index=e.target_index,
+                                     expected="hypothesis", actual=describe_event(before)))
+            committed += e.token_ids
+            if not final and len(hypotheses) < policy.n:
+                out.append(Violation(rule, f"a commit needs {policy.n} hypotheses before "
+                                     "the source ends", event_index=j,
+                                     target_index=e.target_index,
+                                     expected=Bound(">=", policy.n), actual=len(hypotheses)))
+                continue
+            last = hypotheses[-1:] if final else hypotheses[-policy.n:]
+            for h in last:
+                if list(h[:len(committed)]) != committed:
+                    out.append(Violation(rule, "a committed word lies in the common prefix "
+                                         f"of the last {len(last)} hypotheses",
+                                         event_index=j, target_index=e.target_index,
+                                         expected=list(h[:len(committed)]),
+                                         actual=list(committed)))
+                    break
     return out
 
 
@@ -476,6 +619,8 @@ class _Replay:
                 self.on_blank_run(j, event, after)
             elif isinstance(event, SourceEnd):
                 self.on_source_end(j, event, before)
+            elif isinstance(event, (Look, Hypothesis)):
+                self.on_observation(j, event)
             else:
                 self.on_finish(j, event, before)
         return self.out
@@ -563,6 +708,14 @@ class _Replay:
                      f"once {self.k + self.written} word(s) are read; this attempt to read "
                      "is neither asked for nor forced", event_index=j,
                      expected="write", actual="source end")
+
+    def on_observation(self, j: int, e: Look | Hypothesis) -> None:
+        """A look or a hypothesis names the words read when it was made (what each
+        policy's own rule makes of it: :func:`check_policy`)."""
+        if e.read != self.read:
+            self.add("trace.observation_read", f"a {describe_event(e)} names the number "
+                     "of source words read so far", event_index=j, expected=self.read,
+                     actual=e.read)
 
     def on_dropped_eos(self, j: int, e: DroppedEos, after: Event | None) -> None:
         if self.settings.stop_at_first_eos:

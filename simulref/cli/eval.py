@@ -180,6 +180,7 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
     console = stdout_console()
     console.print(evaluate.results_table(summaries))
+    console.print(evaluate.omnisteval_table(summaries))
     console.print(f"results: {out / 'results.json'}")
     for plot in plots:
         console.print(f"plot: {plot}")

@@ -21,7 +21,7 @@ import pytest
 from goldens import assert_valid, records
 
 from simulref.decoder import translate
-from simulref.policy import Scripted
+from simulref.policy import Confidence, LocalAgreement, Scripted
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import successor_model, tiny_tokenizer
 from simulref.trace import BlankRun, DroppedEos, Read
@@ -149,3 +149,42 @@ def test_a_blank_run_is_recorded_and_justifies_the_read_after_it():
     assert [e.token_ids for _, e in runs] == [WHITESPACE[:2], WHITESPACE[2:]]
     assert [e.source_index for _, e in runs] == [0, 1]
     assert all(isinstance(events[j + 1], Read) for j, _ in runs)
+
+
+
+# ---------------------------------------------------------------- observing policies
+
+# The scripted model is certain (probability 1.0 in float32), so Confidence writes as soon
+# as k_min words are read, whatever the threshold below 1; LocalAgreement's hypotheses
+# agree from the second one on. What these pin: the look and hypothesis records, the
+# commit schedule, dropped EOS and word limits under both policies. Every case also runs
+# with the other engine (prefilled for Confidence, the twin for LocalAgreement): the same
+# events.
+POLICY_CASES = [
+    Case("confidence-k1", tuple(script_of(FOX)), n=6, policy=Confidence(0.6)),
+    Case("confidence-kmin3", tuple(script_of(FOX)), n=6, policy=Confidence(0.6, k_min=3)),
+    Case("confidence-dropped-eos", tuple(script_of(" Le renard")), n=5,
+         policy=Confidence(0.6)),
+    Case("confidence-cut-words", tuple(script_of(FOX)), n=4, policy=Confidence(0.6),
+         max_tokens_per_word=2),
+    Case("agreement-2", tuple(script_of(FOX)), n=6, policy=LocalAgreement(2)),
+    Case("agreement-1", tuple(script_of(FOX)), n=4, policy=LocalAgreement(1)),
+    Case("agreement-3-chunk2", tuple(script_of(FOX)), n=7, policy=LocalAgreement(3, 2)),
+    Case("agreement-eos-after-header", (), n=3, policy=LocalAgreement(2)),
+    Case("agreement-max-new-words", tuple(script_of(FOX)), n=6, policy=LocalAgreement(2),
+         max_new_words=3),
+    Case("agreement-runaway-guard", tuple(script_of(" Le renard")), n=2,
+         policy=LocalAgreement(2), loop=True),
+    Case("agreement-cut-words", tuple(script_of(FOX)), n=3, policy=LocalAgreement(2),
+         max_tokens_per_word=2),
+]
+
+
+@pytest.mark.parametrize("case", POLICY_CASES, ids=lambda c: c.name)
+def test_scripted_policy_trace(case, snapshot_json):
+    twin = case.run("group", "incremental")
+    assert_valid(twin, k=None)
+    other = "prefilled" if isinstance(case.policy, Confidence) else "auto"
+    fast = case.run("group", other)
+    assert events_only(fast) == events_only(twin), other
+    assert records(twin) == snapshot_json

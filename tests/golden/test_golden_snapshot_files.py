@@ -19,6 +19,8 @@ def expected_files() -> set[str]:
     return {
         *(f"test_golden_scripted/test_scripted_trace[{c.name}].json"
           for c in scripted.GRID + scripted.NAMED),
+        *(f"test_golden_scripted/test_scripted_policy_trace[{c.name}].json"
+          for c in scripted.POLICY_CASES),
         *(f"test_golden_smollm2/test_smollm2_trace[{c}].json" for c in smollm2.cases()),
         *(f"test_golden_qwen/test_qwen_coder_trace[{c}].json" for c in qwen.CASES),
     }

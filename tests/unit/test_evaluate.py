@@ -200,6 +200,31 @@ def test_summarize_matches_sacrebleu_and_the_metrics():
     assert got["finish_reasons"] == {"eos": 3}
 
 
+def test_summarize_adds_yaal_and_the_degeneracy_test():
+    # Sentence 1 writes before the end (YAAL defined), sentence 2 only at the end.
+    pairs = [Pair("a b c d", "w x y z", 1), Pair("e f g", "u v", 2)]
+    traces = [_trace("a b c d", "w x y z", [2, 3, 4, 4]), _trace("e f g", "u v", [3, 3])]
+    records = [{"index": i, "trace": t.to_jsonl(), "seconds": 0.5, "generated_tokens": 4}
+               for i, t in enumerate(traces)]
+    got = summarize(RunSpec("group", 2), pairs, records, word_duration=0.5)
+    # A mean over the sentences where YAAL is defined (OmniSTEval skips the others).
+    assert got["latency_reference_length"]["YAAL"] == pytest.approx(
+        metrics.yaal([2, 3, 4, 4], 4, 4))
+    assert got["degeneracy"] == metrics.degeneracy([([2, 3, 4, 4], 4, 4), ([3, 3], 3, 2)])
+    table = evaluate.omnisteval_table([got])
+    names = [column.header for column in table.columns]
+    assert names == ["run", "YAAL", "CA-YAAL", "SWF", "EFSW", "DSPTV", "degenerate"]
+    assert list(table.columns[names.index("degenerate")].cells) == ["no"]
+    older = evaluate.omnisteval_table([{**got, "degeneracy": None}])  # stored before it
+    assert list(older.columns[names.index("degenerate")].cells) == ["-"]
+    # It fits an 80-column terminal with the longest run name (results_table fills one).
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    console.print(evaluate.omnisteval_table([{**got, "run": "interleaved-k9"}]))
+    assert "interleaved-k9" in console.export_text()
+
+
 def test_summarize_of_nothing_is_nan_not_an_error():
     got = summarize(RunSpec("group", 2), [Pair("a", "b", 1)], [])
     assert got["sentences"] == 0 and math.isnan(got["bleu"])

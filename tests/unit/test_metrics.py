@@ -9,15 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from simulref.metrics import (
+    DEGENERACY_THRESHOLD,
     METRICS,
     al,
     ap,
     atd,
     computation_aware_delays,
     dal,
+    degeneracy,
     hypothesis_delays,
     laal,
     latency_scores,
+    yaal,
 )
 from simulref.trace import DroppedEos, Finish, Read, Settings, Trace, Write
 
@@ -237,7 +240,7 @@ def test_latency_scores_of_a_trace(case):
     trace = make_trace([f"s{j}" for j in range(x)], d)
     assert list(trace.delays) == d
     got = latency_scores(trace, y)
-    assert set(got) == set(METRICS)
+    assert set(got) == set(METRICS) | ({"YAAL"} if d[0] < x else set())
     assert close(got["AP"], ap(d, x, y))
     assert close(got["AL"], al(d, x, y))
     assert close(got["LAAL"], laal(d, x, y))
@@ -295,3 +298,144 @@ def test_trace_errors():
         latency_scores(one, 2.0)
     with pytest.raises(TypeError, match="trace must be a Trace"):
         latency_scores([1, 2])
+
+
+# ------------------------------------------------------------------ YAAL (OmniSTEval)
+
+
+def test_yaal_cuts_at_the_end_of_the_source():
+    d, x = [1, 2, 3, 3], 3
+    # |Y| = max(4, 4): step 3/4; words 1 and 2 are before the end: (1 + (2 - 0.75)) / 2.
+    assert close(yaal(d, x, 4), 1.125)
+    assert close(laal(d, x, 4), (1 + 1.25 + 1.5) / 3)  # LAAL also counts the word at |X|
+    assert close(yaal(d, x, 2), 1.125)  # |Y| = max(n, 2) = 4 as well
+    assert close(yaal(d, x, 8), (1 + (2 - 3 / 8)) / 2)
+
+
+def test_yaal_is_undefined_when_the_first_word_comes_at_the_end():
+    assert yaal([3, 3], 3, 2) is None
+    assert yaal([0.5, 4.0], 3.0, 2) == 0.5  # times: the first word is before the end
+    assert yaal([3.5], 3.0, 1) is None
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: yaal([], 3, 1), ValueError, "delays is empty"),
+        (lambda: yaal([2, 1], 3, 1), ValueError, "non-decreasing"),
+        (lambda: yaal([1], 0, 1), ValueError, "source_length must be > 0"),
+        (lambda: yaal([1], 3, 0), ValueError, "reference_length must be > 0"),
+        (lambda: degeneracy([([1], 0, 1)]), ValueError, r"schedules\[0\] source_length"),
+        (lambda: degeneracy([([2, 1], 3, 1)]), ValueError, r"schedules\[0\] delays"),
+        (lambda: degeneracy([[1, 3, 1]]), TypeError, r"schedules\[0\] must be a"),
+    ],
+)
+def test_yaal_and_degeneracy_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@given(st.integers(0, 30), st.integers(1, 30))
+def test_ideal_wait_k_yaal_is_k_until_the_policy_reads_everything_first(k, n):
+    got = yaal(wait_k(k, n), n, n)
+    if k >= n:
+        assert got is None  # every word comes at the end of the source
+    else:
+        assert close(got, k)
+
+
+@given(schedules())
+def test_yaal_is_laal_when_every_word_comes_before_the_end(case):
+    d, x, y = case
+    d = [min(di, x - 1) for di in d]
+    assert close(yaal(d, x, y), laal(d, x, y))
+
+
+@given(schedules(), st.integers(1, 5))
+def test_words_after_the_end_do_not_change_yaal(case, extra):
+    d, x, y = case
+    if d[0] >= x:
+        return
+    later = d + [x] * extra
+    # Same |Y| = max(n, reference_length) for both: the tail words are simply cut.
+    reference = max(len(later), y)
+    assert close(yaal(later, x, reference), yaal(d, x, reference))
+
+
+@given(schedules())
+def test_yaal_bounds(case):
+    d, x, y = case
+    got = yaal(d, x, y)
+    assert (got is None) == (d[0] >= x)
+    if got is not None:
+        assert got < x  # every counted lag is at most d_i < |X|
+        assert got <= max(di for di in d if di < x) + 1e-9
+
+
+@given(schedules(), st.floats(0.01, 100))
+def test_yaal_scales_with_the_word_duration(case, w):
+    d, x, y = case
+    words = yaal(d, x, y)
+    seconds = yaal([di * w for di in d], x * w, y)
+    assert (words is None) == (seconds is None)
+    if words is not None:
+        assert math.isclose(seconds, w * words, rel_tol=1e-9, abs_tol=1e-7 * w)
+
+
+def test_latency_scores_leave_out_an_undefined_yaal():
+    late = make_trace(["a", "b"], [2, 2])
+    assert "YAAL" not in latency_scores(late, 2)
+    assert "YAAL_CA" not in latency_scores(late, 2, word_duration=0.5)
+    early = make_trace(["a", "b"], [1, 2], times=[0.1, 0.2, 0.3, 0.4, 0.5])
+    got = latency_scores(early, 2, word_duration=0.5)
+    assert close(got["YAAL"], yaal([1, 2], 2, 2))
+    elapsed, duration = computation_aware_delays(early, 0.5)
+    assert close(got["YAAL_CA"], yaal(elapsed, duration, 2))
+
+
+# ------------------------------------------------------------------ degeneracy
+
+
+def test_degeneracy_of_a_simultaneous_policy():
+    got = degeneracy([([1, 2, 3, 3], 3, 4)])
+    assert close(got["SWF"], 50.0)  # 2 of 4 words before the end
+    assert close(got["EFSW"], 100 * (3 - 1.125) / 3)  # YAAL 1.125 (above)
+    assert close(got["DSPTV"], 62.5 - 50.0)
+    assert got["degenerate"] is False
+
+
+def test_degeneracy_of_a_policy_that_writes_one_word_then_waits():
+    # One word at once, the rest after the end: YAAL rewards the single early word.
+    got = degeneracy([([0] + [5] * 9, 5, 10)])
+    assert close(got["SWF"], 10.0) and close(got["EFSW"], 100.0)
+    assert close(got["DSPTV"], 90.0) and got["degenerate"] is True
+
+
+def test_degeneracy_micro_averages_and_skips_what_omnisteval_skips():
+    got = degeneracy([([1, 2, 3, 3], 3, 4), ([3, 3], 3, 2), ([], 4, 2)])
+    assert close(got["SWF"], 100 * 2 / 6)  # every word of every sentence with output
+    assert close(got["EFSW"], 100 * (3 - 1.125) / 3)  # YAAL undefined: not in EFSW
+    only_late = degeneracy([([3, 3], 3, 2)])
+    assert only_late["SWF"] == 0.0 and math.isnan(only_late["EFSW"])
+    assert math.isnan(only_late["DSPTV"]) and only_late["degenerate"] is False
+    nothing = degeneracy([([], 3, 1)])
+    assert all(math.isnan(nothing[k]) for k in ("SWF", "EFSW", "DSPTV"))
+    assert nothing["degenerate"] is None
+
+
+@given(st.lists(schedules(), min_size=1, max_size=6), st.randoms())
+def test_degeneracy_properties(corpus, random):
+    got = degeneracy(corpus)
+    assert 0 <= got["SWF"] <= 100
+    # YAAL can be negative (words ahead of the ideal diagonal): EFSW can pass 100.
+    assert math.isnan(got["EFSW"]) or got["EFSW"] >= 0
+    if not math.isnan(got["DSPTV"]):
+        assert close(got["DSPTV"], got["EFSW"] - got["SWF"])
+        assert got["degenerate"] == (abs(got["DSPTV"]) > DEGENERACY_THRESHOLD)
+    shuffled = list(corpus)
+    random.shuffle(shuffled)
+    again = degeneracy(shuffled)  # a corpus statistic: the order of sentences is irrelevant
+    for key in ("SWF", "EFSW", "DSPTV"):
+        assert close(again[key], got[key]) or (math.isnan(again[key]) and math.isnan(got[key]))
+    if all(di < x for d, x, _ in corpus for di in d):
+        assert got["SWF"] == 100.0

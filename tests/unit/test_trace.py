@@ -18,6 +18,8 @@ from simulref.trace import (
     BlankRun,
     DroppedEos,
     Finish,
+    Hypothesis,
+    Look,
     Read,
     Settings,
     SourceEnd,
@@ -44,6 +46,10 @@ events = st.one_of(
     st.builds(DroppedEos, index, times),
     st.builds(BlankRun, index, token_ids, times),
     st.builds(SourceEnd, index, token_ids, times),
+    token_ids.filter(bool).flatmap(lambda ids: st.builds(
+        Look, index, st.just(ids), st.lists(st.floats(0.0, 1.0), min_size=len(ids),
+                                            max_size=len(ids)), times)),
+    st.builds(Hypothesis, index, token_ids, times),
     st.builds(Finish, st.sampled_from(FINISH_REASONS), times),
 )
 scalars = st.one_of(
@@ -149,7 +155,10 @@ def test_one_record_per_line_with_sorted_keys(trace):
     records = [json.loads(line) for line in lines]
     for r in records:
         assert list(r) == sorted(r)
-    assert records[0]["record"] == "trace" and records[0]["schema"] == SCHEMA_VERSION
+    observing = any(isinstance(e, (Look, Hypothesis)) for e in trace.events)
+    # The oldest version that holds the records: count-only traces stay /3.
+    assert records[0]["record"] == "trace" and records[0]["schema"] == (
+        SCHEMA_VERSION if observing else "simulref.trace/3")
     assert records[0]["delays"] == list(trace.delays)
     assert records[0]["target_words"] == list(trace.target_words)
     assert records[0]["finish_reason"] == trace.finish_reason
@@ -242,7 +251,7 @@ def test_schema_1_files_still_read():
         ("\n".join(_lines()[:2] + ["[1, 2]"] + _lines()[3:]), 3, "expected a JSON object"),
         ("\n".join(_lines()[1:]), 1, "'trace' header record first"),
         (_edit(2, record="reed"), 2, "expected 'record' to be one of"),
-        (_edit(1, schema="simulref.trace/4"), 1, "unsupported schema"),
+        (_edit(1, schema="simulref.trace/5"), 1, "unsupported schema"),
         (_edit(1, delays=[2, 3, 4, 5]), 1, "header delays"),
         (_edit(1, target_words=["Le"]), 1, "header target_words"),
         (_edit(1, finish_reason=None), 1, "header finish_reason"),
@@ -404,7 +413,7 @@ def test_every_record_written_matches_the_schema(trace, with_times):
 
 @pytest.mark.parametrize(
     ("line", "change"),
-    [(1, {"schema": "simulref.trace/4"}), (1, {"delays": [-1]}), (2, {"word": 3}),
+    [(1, {"schema": "simulref.trace/5"}), (1, {"delays": [-1]}), (2, {"word": 3}),
      (2, {"colour": "red"}), (3, {"token_ids": [1.5]}), (11, {"reason": "tired"}),
      (1, {"settings": {"model": "m", "k": 1, "layout": "", "system": ""}})],
 )
@@ -441,3 +450,23 @@ def test_a_source_end_round_trips_and_older_schemas_lack_it():
     with pytest.raises(ValueError, match="'source_end' records do not exist in schema "
                                          "'simulref.trace/2'"):
         read_traces(older)
+
+
+def test_looks_and_hypotheses_round_trip_as_schema_4_and_older_schemas_lack_them():
+    observed = Trace(settings_example(), ("a", "b"), (
+        Read(0, "a", (1,), 0.1), Look(1, (7,), (0.25,), 0.2), Read(1, "b", (2,), 0.3),
+        Hypothesis(2, (7, 8), 0.4), Write(0, " x", (7, 8), 0.5), Finish("eos", 0.6)))
+    text = observed.to_jsonl()
+    assert json.loads(text.split("\n")[0])["schema"] == "simulref.trace/4"
+    assert read_traces(text) == [observed]
+    assert render_compact(observed) == "R a  L 0.25  R b  H 2  W x  F:eos"
+    for older in OLDER_SCHEMAS:
+        with pytest.raises(ValueError, match=f"'look' records do not exist in schema "
+                                             f"'{older}'"):
+            read_traces(text.replace("simulref.trace/4", older))
+
+
+@pytest.mark.parametrize("probs", [(), (0.5, 0.5), (1.5,), (-0.1,), (True,)])
+def test_a_look_needs_one_probability_per_token(probs):
+    with pytest.raises((TypeError, ValueError), match="Look.probs"):
+        Look(0, (3,), probs)

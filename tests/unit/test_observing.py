@@ -1,0 +1,257 @@
+"""Observing policies in the decoder: Confidence sees the next word's first token and its
+probability, every engine gives the same trace, and a look costs no forward."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from traces import untimed
+
+from simulref.cache import TARGET
+from simulref.decoder import Feed, stream, translate
+from simulref.policy import LOOK, READ, WRITE, Candidate, Confidence, Scripted
+from simulref.prompt import DEFAULT_SYSTEM, template_for
+from simulref.testing import successor_model, tiny_model, tiny_tokenizer
+from simulref.trace import Look, Read, Trace, Write
+from simulref.verify import check_trace
+
+POOL = ("The weather is nice today so we are going to walk in the park I want buy a new "
+        "car because my old one broken").split()
+
+
+@cache
+def model_of(arch: str):
+    return tiny_model(arch, 0)
+
+
+def tok():
+    return tiny_tokenizer()
+
+
+def looks(trace) -> list[Look]:
+    return [e for e in trace.events if isinstance(e, Look)]
+
+
+# Engines compute the candidate's probability by different paths (one row or two, a
+# prefilled source under a mask, a fused read): float32 rounding differs by ~1e-6.
+PROB_TOLERANCE = 1e-4
+
+
+def same_up_to_probs(a, b) -> bool:
+    """Equal traces, but for the looks' probabilities, which agree to PROB_TOLERANCE."""
+    if len(a.events) != len(b.events):
+        return False
+    for x, y in zip(untimed(a).events, untimed(b).events):
+        if isinstance(x, Look) and isinstance(y, Look):
+            if (x.read, x.token_ids) != (y.read, y.token_ids) or any(
+                    abs(p - q) > PROB_TOLERANCE for p, q in zip(x.probs, y.probs)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def near_threshold(trace, threshold: float) -> bool:
+    return any(abs(l.probs[0] - threshold) <= PROB_TOLERANCE for l in looks(trace))
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
+       threshold=st.sampled_from([0.0, 0.3, 0.45, 0.6, 0.9]), k_min=st.integers(1, 3),
+       max_tokens_per_word=st.sampled_from([2, 50]))
+def test_confidence_gives_the_twins_trace_with_every_engine(arch, words, threshold, k_min,
+                                                            max_tokens_per_word):
+    """incremental (the twin), prefilled (budget masks, row 1 for the next budget) and
+    fused (a live source: read and re-feed in one forward) compute the candidate's
+    probability three ways: the same looks, probabilities and decisions come out."""
+    options = dict(policy=Confidence(threshold, k_min), max_new_words=6,
+                   max_tokens_per_word=max_tokens_per_word)
+    twin = translate(model_of(arch), tok(), words, engine="incremental", **options)
+    assume(not near_threshold(twin, threshold))  # a decision float rounding may flip
+    fast = translate(model_of(arch), tok(), words, engine="prefilled", **options)
+    live = translate(model_of(arch), tok(), iter(words), engine="fused", **options)
+    assert same_up_to_probs(fast, twin)
+    assert same_up_to_probs(*(Trace(twin.settings, (), before_last_word(t, len(words)))
+                              for t in (live, twin)))
+    assert check_trace(twin) == []
+    for look in looks(twin):
+        assert 0.0 <= look.probs[0] <= 1.0
+
+
+def before_last_word(trace, n: int) -> list:
+    """The events before the last word's read: a live source reads that word without the
+    end-of-turn suffix (it comes alone, later), so from there on the runs may differ."""
+    out = []
+    for e in untimed(trace).events:
+        if isinstance(e, Read) and e.source_index == n - 1:
+            break
+        out.append(e)
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
+       threshold=st.sampled_from([0.3, 0.5, 0.7]))
+def test_confidence_writes_exactly_when_sure(arch, words, threshold):
+    """The trace's looks are the policy's decisions: a look at or above the threshold is
+    followed by the word written (starting with the candidate token), one below it by a
+    read; nothing is written unseen before the source ends."""
+    trace = translate(model_of(arch), tok(), words, policy=Confidence(threshold),
+                      max_new_words=6, engine="incremental")
+    events = trace.events
+    n = len(words)
+    read = 0
+    for j, e in enumerate(events):
+        if isinstance(e, Read):
+            read += 1
+        if isinstance(e, Look):
+            after = events[j + 1]
+            if e.probs[0] >= threshold:
+                assert not isinstance(after, Read)
+                if isinstance(after, Write):
+                    assert after.token_ids[0] == e.token_ids[0]
+            else:
+                assert isinstance(after, Read)
+        if isinstance(e, Write) and read < n:
+            assert isinstance(events[j - 1], Look) and events[j - 1].probs[0] >= threshold
+
+
+def test_the_probability_is_the_softmax_of_the_logits():
+    """The scripted model's logits are 20 on the successor, 0 elsewhere: its probability
+    is e^20 / (e^20 + V - 1) (1 - 1e-6: 1.0 in float32), whatever the engine."""
+    tokenizer = tok()
+    header_last = template_for(tokenizer, system=DEFAULT_SYSTEM).header_ids[-1]
+    script = tokenizer.encode(" Le renard brun", add_special_tokens=False)
+    chain = [header_last, *script]
+    (eos,) = tokenizer.eos_token_ids
+    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:])), default=eos)
+    expected = math.exp(20) / (math.exp(20) + len(tokenizer) - 1)
+    for engine in ("incremental", "prefilled"):
+        trace = translate(model, tokenizer, "a b c d", policy=Confidence(0.5), engine=engine)
+        assert looks(trace) and all(l.probs[0] == pytest.approx(expected, abs=1e-5)
+                                    for l in looks(trace))
+        assert trace.delays == (1, 1, 1)  # sure at once: write after the first word
+        # The tiny random model is never that sure: at threshold 1 it reads everything.
+        unsure = translate(model_of("llama"), tokenizer, "a b c d", policy=Confidence(1.0),
+                           engine=engine, max_new_words=3)
+        assert unsure.delays == (4, 4, 4)
+
+
+def target_forwards(model, words, policy, engine: str) -> int:
+    records = []
+    translate(model, tok(), words, policy=policy, engine=engine, max_new_words=6,
+              on_forward=records.append)
+    return sum(1 for r in records if r.kind == TARGET)
+
+
+class WriteFromKMin:
+    """Count-only: read k_min words, then write whatever the model says (Confidence(0)'s
+    schedule, and its bet on writing next, without the looks)."""
+
+    def __init__(self, k_min: int):
+        self.k_min = k_min
+
+    def decide(self, read, written, source_done, source_length=None):
+        return WRITE if source_done or read >= self.k_min else READ
+
+
+@settings(max_examples=8, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=2, max_size=7),
+       k_min=st.integers(1, 3), engine=st.sampled_from(["incremental", "prefilled"]))
+def test_a_look_costs_no_forward(arch, words, k_min, engine):
+    """Confidence(0) looks before every word and always writes: the same trace, and as
+    many target forwards, as the count-only policy with its schedule."""
+    model = model_of(arch)
+    trace = translate(model, tok(), words, policy=Confidence(0.0, k_min), engine=engine,
+                      max_new_words=6)
+    assert looks(trace)
+    same = WriteFromKMin(k_min)
+    plain = translate(model, tok(), words, policy=same, engine=engine, max_new_words=6)
+    assert [e for e in untimed(trace).events if not isinstance(e, Look)] == \
+        list(untimed(plain).events)
+    assert target_forwards(model, words, Confidence(0.0, k_min), engine) == \
+        target_forwards(model, words, same, engine)
+
+
+def test_a_feed_looks_once_per_decision():
+    """Waiting for a pushed word does not repeat the look (nor its record)."""
+    from simulref.decoder import NEED_INPUT
+
+    feed = Feed()
+    events = stream(model_of("llama"), tok(), feed, policy=Confidence(0.99), max_new_words=4)
+    got = []
+    words = iter(["The", "weather", "is", "nice"])
+    for e in events:
+        if e is NEED_INPUT:
+            for _ in range(2):  # ask twice before pushing: no second look
+                assert next(events) is NEED_INPUT
+            word = next(words, None)
+            if word is None:
+                feed.end()
+            else:
+                feed.push(word)
+            continue
+        got.append(e)
+    reads_and_looks = [type(e).__name__ for e in got if isinstance(e, (Read, Look))]
+    for a, b in zip(reads_and_looks, reads_and_looks[1:]):
+        assert (a, b) != ("Look", "Look")
+
+
+def test_confidence_decisions():
+    c = Confidence(0.5, k_min=2)
+    assert c.decide(1, 0, False) is READ  # below k_min: no look
+    assert c.decide(2, 0, False) is LOOK
+    assert c.decide(2, 0, False, candidate=Candidate((5,), (0.5,))) is WRITE
+    assert c.decide(2, 0, False, candidate=Candidate((5,), (0.49,))) is READ
+    assert c.decide(0, 0, True) is WRITE  # the source ended: always write
+    with pytest.raises(TypeError, match="candidate: expected a Candidate"):
+        c.decide(2, 0, False, candidate=0.7)
+
+
+# ---------------------------------------------------------------- verify's rule
+
+from dataclasses import replace  # noqa: E402
+
+from simulref.verify import check_policy  # noqa: E402
+
+
+def confidence_trace():
+    trace = translate(model_of("llama"), tok(), "The weather is nice today so we walk",
+                      policy=Confidence(0.5), max_new_words=6)
+    assert check_policy(trace) == [] and check_trace(trace) == []
+    return trace
+
+
+def test_verify_catches_a_word_written_below_the_threshold():
+    trace = confidence_trace()
+    events = list(trace.events)
+    j = next(i for i, e in enumerate(events) if isinstance(e, Look)
+             and isinstance(events[i + 1], Write) and i + 1 < len(events))
+    events[j] = replace(events[j], probs=(0.49,))
+    found = check_policy(replace(trace, events=tuple(events)))
+    assert [v.rule for v in found] == ["policy.confidence"]
+    assert "below the threshold" in found[0].message
+
+
+def test_verify_catches_a_read_while_sure():
+    trace = confidence_trace()
+    events = list(trace.events)
+    j = next(i for i, e in enumerate(events) if isinstance(e, Look)
+             and isinstance(events[i + 1], Read))
+    events[j] = replace(events[j], probs=(0.9,))
+    assert {v.rule for v in check_policy(replace(trace, events=tuple(events)))} == \
+        {"policy.confidence"}
+
+
+def test_verify_catches_an_unseen_write():
+    trace = confidence_trace()
+    events = [e for e in trace.events if not isinstance(e, Look)]
+    assert "policy.confidence" in {v.rule for v in check_policy(replace(trace,
+                                                                      events=tuple(events)))}
