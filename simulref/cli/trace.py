@@ -12,7 +12,8 @@ def add_trace(subparsers) -> None:
                               description="Print each trace in FILE.jsonl as two lines: "
                                           "its target text, then its events on one line "
                                           "(R read, W write, E dropped EOS, B blank run, "
-                                          "R$ source end, F finish).")
+                                          "R$ source end, L look, H hypothesis, F "
+                                          "finish; docs/trace-format.md).")
     p.add_argument("file", metavar="FILE.jsonl")
     p.set_defaults(run=run_trace)
 

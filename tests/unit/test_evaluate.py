@@ -379,8 +379,11 @@ def _other_value(name: str):
     def custom_sampler(logprobs):
         return logprobs.argmax(axis=-1)
 
+    from simulref.policy import WaitK
+
     return {
-        "system": "Translate to German", "target_start": 5, "max_tokens_per_word": 7,
+        "policy": WaitK(2), "system": "Translate to German", "target_start": 5,
+        "max_tokens_per_word": 7,
         "max_new_words": 4, "stop_at_first_eos": True, "sampler": custom_sampler,
         "chat_format": ChatFormat(prefix="<s>{system}\n", suffix="\n", header="A:"),
         "engine": "incremental",
@@ -388,9 +391,9 @@ def _other_value(name: str):
 
 
 def test_every_decode_option_changes_the_fingerprint(tmp_path):
-    """Each DecodeConfig field is either per run (k, layout, policy: the RunSpec and its
-    files hold them) or in the fingerprint: iterating over the fields, a new option
-    cannot be forgotten."""
+    """Each DecodeConfig field is either per run (k, layout: the RunSpec and its files
+    hold them) or in the fingerprint: iterating over the fields, a new option cannot be
+    forgotten."""
     import dataclasses as dc
 
     base = evaluate.settings_fingerprint(_settings(tmp_path))
@@ -402,7 +405,7 @@ def test_every_decode_option_changes_the_fingerprint(tmp_path):
         assert evaluate.settings_fingerprint(settings) != base, field_.name
         for _ in range(2):  # recorded, then read back from settings.json as the same
             check_out_dir(tmp_path / field_.name, settings)
-    assert evaluate.PER_RUN_OPTIONS == {"k", "layout", "policy"}
+    assert evaluate.PER_RUN_OPTIONS == {"k", "layout"}
 
 
 def test_model_dtype_adapter_content_and_data_change_the_fingerprint(tmp_path):
