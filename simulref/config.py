@@ -108,6 +108,20 @@ class DecodeConfig:
             return "incremental"
         return "prefilled" if known_source else "fused"
 
+    def check_source(self, known_source: bool) -> None:
+        """Refuse an engine asked for by name that cannot run this kind of source, before
+        any model loads: ``prefilled`` needs a source known up front, ``fused`` a live
+        one (the rule: refused, never swapped for another engine; ``auto`` picks the one
+        that fits). ValueError naming the engine."""
+        if self.engine == "prefilled" and not known_source:
+            raise ValueError("engine: 'prefilled' needs a source known up front (TEXT, a "
+                             "file on stdin, a str or a list), got a live stream; use "
+                             "'auto', 'fused' or 'incremental'")
+        if self.engine == "fused" and known_source:
+            raise ValueError("engine: 'fused' needs a live source (a stream: stdin from a "
+                             "pipe, watch, an iterator or a Feed), got one known up front; "
+                             "use 'auto', 'prefilled' or 'incremental'")
+
     @property
     def sampler_label(self) -> str:
         if self.sampler is None:

@@ -8,10 +8,12 @@ placeholders, removes every pair whose English source is held out (below), dedup
 by source and splits train/valid with a fixed seed. The TSVs it writes ship in the package
 (``simulref/data/train/``), so training needs no Debian package at run time.
 
-Held out: a source is excluded when its stripped text equals the source of a line of the
+Held out: a source is excluded when its words equal those of the source of a line of the
 bundled test sets (``simulref/data/*.tsv``) or of any extra TSV given with ``--exclude``,
-or when the sha256 of its stripped UTF-8 text is listed in a ``--reserved`` file (one hex
-digest per line). A test set's stripped sources are compared exactly; no fuzzy matching.
+or when the sha256 of its words joined by single spaces (or of its stripped UTF-8 text)
+is listed in a ``--reserved`` file (one hex digest per line). Words are what the decoder
+sees (``str.split``): two sources that differ only in whitespace are the same source to
+it. Otherwise the comparison is exact (case, punctuation); no fuzzy matching.
 
 Pure except :func:`read_catalog` and :func:`main` (no MLX).
 """
@@ -42,6 +44,12 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(source.strip().encode("utf-8")).hexdigest()
 
 
+def words_of(source: str) -> str:
+    """The source as the decoder sees it, its words (``str.split``: any run of
+    whitespace, a tab or a non-breaking space included, cuts), joined by single spaces."""
+    return " ".join(source.split())
+
+
 def is_sentence(source: str, target: str) -> bool:
     """A one-line message of MIN_WORDS..MAX_WORDS words, no placeholder on either side,
     and actually translated (the target is not the source copied)."""
@@ -61,12 +69,18 @@ def is_sentence(source: str, target: str) -> bool:
 class HeldOut:
     """What must never appear as a training source."""
 
-    sources: frozenset[str]  # stripped test-set sources
+    sources: frozenset[str]  # test-set sources, kept as their words (:func:`words_of`)
     hashes: frozenset[str]  # sha256 of stripped sources (lower-case hex)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", frozenset(words_of(s) for s in self.sources))
+
     def excludes(self, source: str) -> bool:
-        stripped = source.strip()
-        return stripped in self.sources or source_hash(stripped) in self.hashes
+        words = words_of(source)
+        # Both hashes: a reserved list hashes the stripped text, which is the words for a
+        # source written with single spaces; a respaced copy of it is caught by its words.
+        return (words in self.sources or source_hash(words) in self.hashes
+                or source_hash(source) in self.hashes)
 
 
 def read_sources(path: str | Path) -> set[str]:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .atomic import atomic_write
-from .config import DecodeConfig
+from .atomic import append_line, atomic_write
+from .config import DecodeConfig, is_greedy
 from .metrics import METRICS
 
 # Dataset name -> (package data file, target language name for the instruction).
@@ -201,18 +201,12 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 def append_record(path: str | os.PathLike, record: Mapping) -> None:
     """Append one JSON line with a single write, then flush and fsync, so an
-    interruption leaves either the whole line or a partial last line (cut on resume)."""
+    interruption leaves either the whole line or a partial last line (cut on resume);
+    a full disk cuts the line off again (:func:`simulref.atomic.append_line`) and
+    raises :class:`simulref.atomic.WriteError`."""
     line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        payload = line.encode("utf-8")
-        written = os.write(fd, payload)
-        while written < len(payload):  # a regular file takes it in one go; be safe anyway
-            written += os.write(fd, payload[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_line(path, line)
 
 
 def load_records(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
@@ -270,11 +264,91 @@ def run_records(out: Path, spec: RunSpec, *, repair: int | None = None) -> list[
     return records
 
 
+# The decode options each run sets for itself: its RunSpec (and its files' names) holds
+# them, so they are not part of the eval's settings. (A policy is per run only for the
+# offline run, which sets ReadAll; one given in the shared config applies to every other
+# run, so it is recorded.)
+PER_RUN_OPTIONS = frozenset({"k", "layout", "policy"})  # each run sets its own
+# Settings that change no trace, so a resume may change them: the paths (their content's
+# hash is compared instead: ``./dev.tsv`` and ``dev.tsv`` are the same data), which runs
+# and how many sentences there are (each run and sentence has its own record), and the
+# pace the computation-aware scores assume (scoring only).
+RESUMABLE_SETTINGS = frozenset({"data", "adapter", "sentences", "ks", "layouts",
+                                "policies", "word_duration"})
+
+
+def option_value(value):
+    """A decode option as settings.json records it (JSON, and equal for equal options):
+    a dataclass (a ChatFormat) as its fields, a greedy sampler as ``"greedy"``, another
+    callable by its repr (a closure's names its address, so a resume with a custom sampler
+    is refused rather than risk mixing two), anything else not JSON by its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: option_value(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [option_value(v) for v in value]
+    if callable(value):
+        return "greedy" if is_greedy(value) else f"custom {value!r}"
+    return repr(value)
+
+
+def decode_settings(config: DecodeConfig) -> dict:
+    """Every option of ``config`` but the per-run ones (:data:`PER_RUN_OPTIONS`), by
+    field: an option added to DecodeConfig is recorded, and compared on resume, with no
+    change here."""
+    return {f.name: option_value(getattr(config, f.name))
+            for f in dataclasses.fields(DecodeConfig) if f.name not in PER_RUN_OPTIONS}
+
+
+def eval_settings(config: DecodeConfig, *, model: str, dtype: str | None,
+                  adapter: str | os.PathLike | None, data: str, pairs: Sequence[Pair],
+                  ks: Sequence[int], layouts: Sequence[str],
+                  word_duration: float, policies: Sequence[str] = ()) -> dict:
+    """The settings of an eval (settings.json, results.json): the one place they are
+    made. ``config``: the decode options every run shares (its ``system`` is the
+    eval's); ``dtype`` None is the device's default, recorded as the one that loads;
+    ``adapter``: the --adapter directory, recorded as given and by the sha256 of its
+    files (an adapter preset's own adapter too, when ``model`` names one)."""
+    from .adapters import ADAPTER_PRESETS, adapter_sha256
+
+    if dtype is None:
+        from .models import default_dtype
+
+        dtype = default_dtype()
+    applied = adapter if adapter is not None else (
+        ADAPTER_PRESETS[model].path if model in ADAPTER_PRESETS else None)
+    return {
+        "model": model, "dtype": dtype,
+        "adapter": None if adapter is None else str(adapter),
+        "adapter_sha256": None if applied is None else adapter_sha256(applied),
+        **decode_settings(config),
+        "data": data, "data_sha256": sha256_of(pairs), "sentences": len(pairs),
+        "ks": list(ks), "layouts": list(layouts), "policies": list(policies),
+        "word_duration": word_duration,
+    }
+
+
 def settings_fingerprint(settings: Mapping) -> dict:
-    """The part of the settings that must match for stored sentences to be reused."""
-    keys = ("model", "system", "target_start", "max_tokens_per_word", "stop_at_first_eos",
-            "data_sha256")
-    return {key: settings.get(key) for key in keys}
+    """The part of the settings that must match for stored sentences to be reused:
+    everything but :data:`RESUMABLE_SETTINGS` (a key is compared unless it is known to
+    change no trace, so a new one cannot be forgotten)."""
+    # Settings made without the adapter's hash (by an older simulref) have only its path
+    # to tell adapters apart: compare that then.
+    resumable = (RESUMABLE_SETTINGS if "adapter_sha256" in settings
+                 else RESUMABLE_SETTINGS - {"adapter"})
+    return {key: value for key, value in settings.items() if key not in resumable}
+
+
+def fingerprint_differences(stored: Mapping, wanted: Mapping) -> list[str]:
+    """One phrase per key whose value differs (a key one side lacks: "(not recorded)")."""
+    def shown(side: Mapping, key: str) -> str:
+        return repr(side[key]) if key in side else "(not recorded)"
+
+    return [f"{key}: stored {shown(stored, key)}, now {shown(wanted, key)}"
+            for key in sorted(set(stored) | set(wanted))
+            if key not in stored or key not in wanted or stored[key] != wanted[key]]
 
 
 def sha256_of(pairs: Iterable[Pair]) -> str:
@@ -284,10 +358,10 @@ def sha256_of(pairs: Iterable[Pair]) -> str:
     return digest.hexdigest()
 
 
-def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
+def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> bool:
     """Record ``settings`` in ``out/settings.json`` (unless ``write`` is False), or check
     that the stored ones match (reusing sentences decoded under other settings would mix
-    two experiments)."""
+    two experiments). Returns whether it wrote the file."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: cannot use it as the output directory (not a directory)")
     path = out / "settings.json"
@@ -297,17 +371,31 @@ def check_out_dir(out: Path, settings: Mapping, *, write: bool = True) -> None:
             stored = settings_fingerprint(json.loads(path.read_text("utf-8")))
         except ValueError:
             raise DataError(f"{path}: not JSON; remove it to start over") from None
-        if stored != wanted:
-            diff = ", ".join(
-                f"{key}: stored {stored[key]!r}, now {wanted[key]!r}"
-                for key in wanted if stored[key] != wanted[key]
-            )
-            raise DataError(
-                f"--out {out} holds results of other settings ({diff}); use another --out"
-            )
-        return
+        differences = fingerprint_differences(stored, wanted)
+        if differences:
+            raise DataError(f"--out {out} holds results of other settings "
+                            f"({'; '.join(differences)}); use another --out")
+        return False
     if write:
         write_atomic(path, json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+        return True
+    return False
+
+
+def forget_settings_if_nothing_stored(out: Path) -> None:
+    """Remove ``out/settings.json`` (and an empty ``progress/``) when no sentence is
+    stored: a run that failed before its first record leaves nothing behind (its lock's
+    release then removes a directory it made). Once a record is stored, the settings
+    stay: they are what guards its resume."""
+    folder = Path(out) / "progress"
+    stored = folder.is_dir() and any(p.stat().st_size for p in folder.iterdir())
+    if stored:
+        return
+    (Path(out) / "settings.json").unlink(missing_ok=True)
+    if folder.is_dir():
+        for empty in folder.iterdir():
+            empty.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 LOCK_FILE = ".lock"
@@ -551,15 +639,20 @@ class Evaluation:
         is called before the first and after each sentence (with ``batch_size`` > 1,
         ``spec`` is None: every run's sentences share the batch, so progress is one
         count over all of them)."""
-        check_out_dir(self.out, self.settings)
-        if self.batch_size > 1:
-            return self._run_batched(on_progress)
-        summaries = []
-        for spec in self.specs:
-            self.decode_run(spec, on_progress)
-            summaries.append(self.finish_run(spec))
-            write_results(self.out, self.settings, summaries)
-        return summaries
+        wrote = check_out_dir(self.out, self.settings)
+        try:
+            if self.batch_size > 1:
+                return self._run_batched(on_progress)
+            summaries = []
+            for spec in self.specs:
+                self.decode_run(spec, on_progress)
+                summaries.append(self.finish_run(spec))
+                write_results(self.out, self.settings, summaries)
+            return summaries
+        except BaseException:
+            if wrote:
+                forget_settings_if_nothing_stored(self.out)
+            raise
 
     def decode_run(self, spec: RunSpec, on_progress=None) -> None:
         """Decode and store the pending sentences of one run, one at a time (progress

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import limits
 from .cache import SOURCE, TARGET, StreamState, make_stream_cache
 from .prompt import DEFAULT_SYSTEM, template_for
 
@@ -274,17 +275,11 @@ def adapter_config(lora: LoraConfig, settings: dict) -> dict:
 
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` then fsync and rename over ``path``: readers see the old file or
-    the new one. (mx.save_safetensors wants a path, not a file object, so
-    :func:`simulref.atomic.atomic_write` does not fit; same contract.)"""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    the new one, and a full disk is a :class:`simulref.atomic.WriteError` (MLX's
+    save_safetensors wants a path, not a file object: :func:`simulref.atomic.replace_with`)."""
+    from .atomic import replace_with
+
+    replace_with(path, write)
 
 
 def save_adapter(model, out: Path, config: dict) -> None:
@@ -313,6 +308,61 @@ def save_checkpoint(model, optimizer, out: Path, step: int, config: dict) -> Non
     _replace_atomically(out / CHECKPOINT_FILE,
                         lambda p: mx.save_safetensors(p, arrays, metadata=metadata))
     save_adapter(model, out, config)
+
+
+def checkpoint_info(out: Path) -> tuple[int, dict]:
+    """``(step, config)`` of the checkpoint in ``out``, read from its metadata alone (no
+    model needed: a resume can be checked before anything is loaded or written)."""
+    import mlx.core as mx
+
+    _, metadata = mx.load(str(Path(out) / CHECKPOINT_FILE), return_metadata=True)
+    return int(metadata["step"]), json.loads(metadata["config"])
+
+
+# Training settings not compared on a resume: the data's name (its content's hash is:
+# ``./ok1.tsv`` and ``ok1.tsv`` are the same data), and the copy of the LoRA settings
+# (compared as the adapter config's lora_parameters and num_layers).
+RESUMABLE_SETTINGS = frozenset({"data", "lora"})
+
+
+def resume_differences(saved: dict, config: dict) -> list[str]:
+    """One phrase per setting in which the checkpoint's adapter config ``saved`` and this
+    run's ``config`` differ (the training settings, the LoRA parameters, the blocks)."""
+    def flat(c: dict) -> dict:
+        out = {k: v for k, v in (c.get("simulref") or {}).items()
+               if k not in RESUMABLE_SETTINGS}
+        out.update({f"lora_parameters.{k}": v for k, v in
+                    (c.get("lora_parameters") or {}).items()})
+        out["num_layers"] = c.get("num_layers")
+        return out
+
+    a, b = flat(saved), flat(config)
+    return [f"{key}: the checkpoint has {a.get(key)!r}, now {b.get(key)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def check_resume(out: Path, config: dict, iters: int) -> int:
+    """The step of the checkpoint in ``out`` once checked against this run: the same
+    settings (ValueError naming each key that differs) and a step below ``iters``
+    (ValueError: a resume would train nothing and report the checkpoint's steps)."""
+    step, saved = checkpoint_info(out)
+    differences = resume_differences(saved, config)
+    if differences:
+        raise ValueError(f"resume: the checkpoint in {out} was made with other settings "
+                         f"({'; '.join(differences)}); use another --out or the same options")
+    if step >= iters:
+        raise ValueError(f"iters: the checkpoint in {out} is at step {step}, and --iters is "
+                         f"{iters}: nothing to train; give --iters above {step} to train on")
+    return step
+
+
+def has_lora(model) -> bool:
+    """Whether ``model`` already has LoRA (or DoRA) layers: an adapter applied."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+    return any(isinstance(m, kinds) for _, m in model.named_modules())
 
 
 def load_checkpoint(model, optimizer, out: Path) -> tuple[int, dict]:
@@ -441,11 +491,13 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a number > 0, got {lr!r}")
     StreamState("group", target_start)  # checks target_start before any work is done
+    if has_lora(model):
+        raise ValueError("model: it already has LoRA layers (an adapter preset, or a model "
+                         "loaded with an adapter); train on its base model instead")
     if len(pairs) < batch_size:
         raise ValueError(f"batch_size: expected at most the {len(pairs)} training pairs, "
                          f"got {batch_size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings(mode=mode, ks=ks, target_start=target_start, system=system,
                              batch_size=batch_size, lr=lr, seed=seed, lora=lora,
                              model=model_name, data=data_name, data_sha256=pairs_sha256(pairs))
@@ -454,67 +506,74 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], out: str | os.Path
     examples = make_examples(tokenizer, pairs, mode=mode, ks=ks, system=system, seed=seed)
     valid = make_examples(tokenizer, valid_pairs, mode=mode, ks=ks, system=system,
                           seed=seed + 1)
+    # What translate refuses, training refuses too (simulref.limits), before any file.
+    context = limits.context_length(model)
+    assumed = limits.declared_context_length(model) is None
+    for name, group in (("pairs", examples), ("valid_pairs", valid)):
+        limits.check_examples_fit(group, context, target_start=target_start,
+                                  assumed=assumed, argument=name)
+    # An existing checkpoint is checked (refused, or its settings and step against this
+    # run's) before anything is loaded, made or written.
+    resuming = (out / CHECKPOINT_FILE).is_file()
+    if resuming and not resume:
+        raise ValueError(f"out: {out} already holds a checkpoint; pass resume=True "
+                         f"(--resume) to continue it or choose another directory")
+    if resuming:
+        check_resume(out, config, iters)
+    out.mkdir(parents=True, exist_ok=True)
     # LoRA's A matrices are drawn from MLX's global generator: seed it, so that the
     # same seed gives the same adapter (a resumed run loads them from the checkpoint).
     mx.random.seed(seed)
     add_lora(model, lora)
     optimizer = optim.Adam(learning_rate=lr)
     step = 0
-    if resume and (out / CHECKPOINT_FILE).is_file():
+    if resuming:
         # Build the optimizer state's tree first, so the saved one maps onto it.
         optimizer.init(model.trainable_parameters())
-        step, saved = load_checkpoint(model, optimizer, out)
-        if saved["simulref"] != config["simulref"] or saved["lora_parameters"] != \
-                config["lora_parameters"] or saved["num_layers"] != config["num_layers"]:
-            raise ValueError(f"resume: the checkpoint in {out} was made with other settings "
-                             f"({saved['simulref']}); use another --out or the same options")
-    elif (out / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"out: {out} already holds a checkpoint; pass resume=True "
-                         f"(--resume) to continue it or choose another directory")
+        step, _ = load_checkpoint(model, optimizer, out)
 
     value_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, target_start))
     started = time.monotonic()
-    log = open(out / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    log = out / LOG_FILE
     summary = {"start_step": step, "valid_before": None, "valid_after": None}
-    try:
-        if valid:
-            summary["valid_before"] = evaluate_loss(model, valid, batch_size, target_start)
-            _log(log, {"step": step, "valid_loss": summary["valid_before"]})
-        tokens, window_start, losses = 0, time.monotonic(), []
-        while step < iters:
-            batch = pad_batch([examples[i] for i in batch_order(len(examples), batch_size,
-                                                                 step, seed)])
-            (value, count), grads = value_and_grad(model, batch)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, value, count)
-            step += 1
-            tokens += batch["tokens"]
-            losses.append(value.item())
-            now = time.monotonic()
-            report = Progress(step, iters, losses[-1], tokens / max(now - window_start, 1e-9),
-                              now - started)
-            if on_step is not None:
-                on_step(report)
-            _log(log, asdict(report))
-            out_of_time = max_minutes is not None and now - started >= max_minutes * 60
-            if step % steps_per_save == 0 or step == iters or out_of_time:
-                save_checkpoint(model, optimizer, out, step, config)
-            if valid and steps_per_eval and step % steps_per_eval == 0 and step < iters \
-                    and not out_of_time:
-                _log(log, {"step": step, "valid_loss": evaluate_loss(model, valid, batch_size,
-                                                                     target_start)})
-            if out_of_time:
-                break
-        if valid:
-            summary["valid_after"] = evaluate_loss(model, valid, batch_size, target_start)
-            _log(log, {"step": step, "valid_loss": summary["valid_after"]})
-    finally:
-        log.close()
+    if valid:
+        summary["valid_before"] = evaluate_loss(model, valid, batch_size, target_start)
+        _log(log, {"step": step, "valid_loss": summary["valid_before"]})
+    tokens, window_start, losses = 0, time.monotonic(), []
+    while step < iters:
+        batch = pad_batch([examples[i] for i in batch_order(len(examples), batch_size,
+                                                             step, seed)])
+        (value, count), grads = value_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, value, count)
+        step += 1
+        tokens += batch["tokens"]
+        losses.append(value.item())
+        now = time.monotonic()
+        report = Progress(step, iters, losses[-1], tokens / max(now - window_start, 1e-9),
+                          now - started)
+        if on_step is not None:
+            on_step(report)
+        _log(log, asdict(report))
+        out_of_time = max_minutes is not None and now - started >= max_minutes * 60
+        if step % steps_per_save == 0 or step == iters or out_of_time:
+            save_checkpoint(model, optimizer, out, step, config)
+        if valid and steps_per_eval and step % steps_per_eval == 0 and step < iters \
+                and not out_of_time:
+            _log(log, {"step": step, "valid_loss": evaluate_loss(model, valid, batch_size,
+                                                                 target_start)})
+        if out_of_time:
+            break
+    if valid:
+        summary["valid_after"] = evaluate_loss(model, valid, batch_size, target_start)
+        _log(log, {"step": step, "valid_loss": summary["valid_after"]})
     summary.update(steps=step, train_losses=losses, seconds=time.monotonic() - started,
                    out=str(out))
     return summary
 
 
-def _log(handle, record: dict) -> None:
-    handle.write(json.dumps(record, sort_keys=True) + "\n")
-    handle.flush()
+def _log(path: Path, record: dict) -> None:
+    """One line of the training log; a full disk leaves no half line (WriteError)."""
+    from .atomic import append_line
+
+    append_line(path, json.dumps(record, sort_keys=True) + "\n", fsync=False)

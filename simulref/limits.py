@@ -17,6 +17,10 @@ if the model writes long words; ending such a stream is the decoder's job.
 An explicit ``target_start`` (group layout) puts the target group's positions at
 ``target_start, target_start + 1, ...``: those must stay inside the context too.
 
+Training (:func:`check_examples_fit`) makes the same check with what a training pair
+feeds, known exactly: its source tokens (prompt) and its target tokens (assistant header
++ reference); ``simulref train`` and ``simulref translate`` refuse the same things.
+
 Pure, except :func:`context_length`, which reads attributes of a model object.
 """
 
@@ -51,11 +55,13 @@ def parse_target_start(text: str) -> int | str:
 
 class ContextError(ValueError):
     """A run that cannot fit in the model's context. ``argument`` names what to change:
-    ``"source"`` or ``"target_start"``."""
+    ``"source"`` or ``"target_start"`` (training: ``"pairs"`` or ``"valid_pairs"``, with
+    ``index`` the 0-based pair)."""
 
-    def __init__(self, argument: str, message: str):
+    def __init__(self, argument: str, message: str, index: int | None = None):
         super().__init__(message)
         self.argument = argument
+        self.index = index
 
 
 def declared_context_length(model) -> int | None:
@@ -84,10 +90,13 @@ def guard_words(source_words: int) -> int:
 @dataclass(frozen=True)
 class Need:
     """Tokens a run needs at least: ``prompt`` (prompt + assistant header) and
-    ``target`` (one per target word up to the guard)."""
+    ``target`` (one per target word up to the guard). ``training``: a training pair's
+    exact count instead, ``prompt`` its source tokens and ``target`` its fed target
+    tokens (header + reference)."""
 
     prompt: int
     target: int
+    training: bool = False
 
     @property
     def total(self) -> int:
@@ -106,6 +115,9 @@ def check_fits(need: Need | None, context: int, *, target_start: int | str = "au
           else f"the model's context of {context} tokens")
     if need is not None and need.total > context:
         raise ContextError("source", (
+            f"the pair needs {need.total} tokens ({need.prompt} for the source prompt + "
+            f"{need.target} for the assistant header and the reference), more than {of}; "
+            f"shorten or drop it") if need.training else (
             f"the source needs at least {need.total} tokens ({need.prompt} for the prompt + "
             f"at least one per target word up to the {need.target}-word guard), more than "
             f"{of}; split it into shorter pieces"))
@@ -114,10 +126,11 @@ def check_fits(need: Need | None, context: int, *, target_start: int | str = "au
         words = 1 if need is None else need.target
         last = target_start + words
         if last > context:
+            counted = (f"{words} target token(s) of the longest pair" if need and
+                       need.training else f"{words} target word(s) at least")
             raise ContextError("target_start", (
                 f"{target_start} puts the target group at positions up to {last} "
-                f"({words} target word(s) at least), past {of}; expected at most "
-                f"{max(context - words, 0)}"))
+                f"({counted}), past {of}; expected at most {max(context - words, 0)}"))
 
 
 def need_of(tokenizer, words, *, system: str, max_new_words: int | None = None) -> Need:
@@ -129,3 +142,24 @@ def need_of(tokenizer, words, *, system: str, max_new_words: int | None = None) 
     prompt = assemble(tokenizer, words, system=system)
     guard = guard_words(len(prompt.words)) if max_new_words is None else max_new_words
     return Need(prompt=len(prompt.ids) + len(prompt.header_ids), target=guard)
+
+
+def check_examples_fit(examples, context: int, *, target_start: int | str = "auto",
+                       assumed: bool = False, argument: str = "pairs") -> None:
+    """:func:`check_fits` for training examples (:class:`simulref.finetune.Example`):
+    each pair's source and fed target tokens, then an explicit ``target_start`` with the
+    longest target. ContextError's ``argument``: ``argument`` (the pair's ``index`` set)
+    or ``"target_start"``."""
+    for index, example in enumerate(examples):
+        need = Need(prompt=len(example.source), target=len(example.inputs), training=True)
+        try:
+            check_fits(need, context, assumed=assumed)
+        except ContextError as error:
+            raise ContextError(argument, f"{argument}[{index}]: {error}", index) from None
+    if target_start != "auto" and examples:
+        longest = max(len(example.inputs) for example in examples)
+        try:
+            check_fits(Need(prompt=0, target=longest, training=True), context,
+                       target_start=target_start, assumed=assumed)
+        except ContextError as error:
+            raise ContextError("target_start", f"target_start: {error}") from None

@@ -94,7 +94,9 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
     Raises ValueError for an unknown name, a bad dtype, a corrupt or unsupported GGUF
     file (:class:`GGUFError`) or a checksum mismatch (:class:`ChecksumError`);
     FileNotFoundError for a missing path; :class:`DownloadError` when a preset or a repo
-    cannot be fetched.
+    cannot be fetched; :class:`simulref.adapters.AdapterError` (a ValueError, one line
+    naming the adapter's file) for a damaged adapter, checked before the model loads, or
+    one trained for another base model.
     """
     expected = ("name_or_path: expected a preset name, a GGUF file, an mlx-lm model "
                 f"directory or a repo name, got {name_or_path!r}")
@@ -103,7 +105,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
     if not os.fspath(name_or_path).strip():  # the right type, a wrong value
         raise ValueError(expected)
     dtype = _check_dtype(dtype)
-    from simulref.adapters import ADAPTER_PRESETS, apply_adapter, check_adapter
+    from simulref.adapters import ADAPTER_PRESETS, apply_adapter, read_adapter
 
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in ADAPTER_PRESETS:
@@ -113,7 +115,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET, dtype: str | None = N
         preset = ADAPTER_PRESETS[text]
         name_or_path, adapter = preset.base, preset.path
     if adapter is not None:
-        check_adapter(adapter)  # before a model loads
+        read_adapter(adapter)  # a missing or damaged adapter costs no model load
         model, tokenizer = _load(name_or_path, dtype)
         return apply_adapter(model, adapter), tokenizer
     return _load(name_or_path, dtype)
@@ -143,10 +145,12 @@ def _load(name_or_path, dtype: str):
         raise FileNotFoundError(f"name_or_path: no such file or directory: {text}")
     if _REPO_NAME.fullmatch(text):
         return _load_mlx(text, dtype)
+    from simulref.adapters import ADAPTER_PRESETS
+
     raise ValueError(
         f"name_or_path: unknown model {text!r}; expected a preset "
-        f"({', '.join(PRESETS)}), a GGUF file, an mlx-lm model directory or a "
-        "Hugging Face repo name 'org/name'"
+        f"({', '.join(PRESETS)}), an adapter preset ({', '.join(ADAPTER_PRESETS)}), a GGUF "
+        "file, an mlx-lm model directory or a Hugging Face repo name 'org/name'"
     )
 
 

@@ -7,13 +7,18 @@ sets ``run`` to the function that executes it; :data:`COMMANDS` lists them in th
 to :class:`~simulref.config.DecodeConfig` live in :mod:`simulref.cli.args`.
 
 User errors (bad options, unreadable or malformed data, unknown model) end with exit
-code 2 and one line on stderr; Ctrl-C ends with exit code 130 after a final render.
+code 2 and one line on stderr; Ctrl-C ends with exit code 130 after a final render, and
+SIGTERM (``timeout``, ``kill``) the same way with 143; a file or stdout that cannot be
+written (a full disk, ``> /dev/full``) with one line and exit code 74, nothing
+half-written; a reader gone away (``| head``) with 141.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,7 +28,9 @@ from simulref.cli import models, trace, train, translate, verify, watch
 from simulref.cli.args import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     EXIT_USAGE,
+    EXIT_WRITE,
     UsageError,
     _default_system,
     _Parser,
@@ -65,9 +72,57 @@ def _finish_defaults(args) -> None:
                          f"layout only (got --layout {' '.join(layouts)})")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: every command ends on it
+    as on Ctrl-C (a final render, the trace kept), then exits with 143."""
+
+
+# errno values of a write that cannot succeed (a full disk, a quota, a read-only or
+# failing device): an OSError of these without a file name came from writing stdout.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _handle_sigterm(terminated: list):
+    """Make SIGTERM raise :class:`Terminated` (and set ``terminated[0]``: a command that
+    catches it as Ctrl-C returns 130, which then becomes 143). Returns the previous
+    handler (None: none installed, e.g. off the main thread, where Python takes no
+    signals)."""
+    def on_sigterm(signum, frame) -> None:
+        terminated[0] = True
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:
+        return None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the exit's flush of what could not be written
+    (a reader gone away, a full disk) neither fails again nor prints a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as the command: restart with OpenBLAS preloaded (see simulref.blas)
         blas.reexec_with_openblas()
+    terminated = [False]
+    previous = _handle_sigterm(terminated)
+    try:
+        code = _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return EXIT_TERMINATED if terminated[0] and code == EXIT_INTERRUPTED else code
+
+
+def _run(argv) -> int:
+    from simulref.atomic import WriteError
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -86,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"simulref: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("simulref: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("simulref: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -93,12 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`simulref ... | head`): not an error worth a traceback.
         # Every subcommand ends so, with 128 + SIGPIPE, what a shell reports for a
         # program killed by the signal (rich's own handling would exit 1).
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # the exit flush then goes nowhere
-        except (OSError, ValueError):
-            pass
+        _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except WriteError as error:  # a result file: the library left nothing half-written
+        print(f"simulref: error: {error}", file=sys.stderr)
+        return EXIT_WRITE
+    except OSError as error:
+        if error.filename is not None or error.errno not in WRITE_ERRNOS:
+            raise
+        _quiet_stdout()
+        print(f"simulref: error: stdout: cannot write ({error.strerror or error})",
+              file=sys.stderr)
+        return EXIT_WRITE
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ from simulref.limits import parse_target_start
 from simulref.policy import POLICY_SYNTAX, parse_policy
 
 EXIT_USAGE = 2
+# A file (or stdout) that could not be written: a full disk, a read-only filesystem.
+# sysexits.h's EX_IOERR; its own code, apart from verify's 1 (violations) and 2.
+EXIT_WRITE = 74
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a terminated program
 
 
 class UsageError(Exception):
@@ -63,7 +67,10 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
+    try:
+        value = non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        value = 0.0  # one message for every value refused: -1 is no more ">= 0" than 0
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
@@ -140,7 +147,9 @@ DECODE_OPTIONS: dict[str, Option] = {
         choices=ENGINES, default="auto",
         help="how tokens reach the model (default: auto: in the group layout, prefilled "
              "for a known source and fused for a live one, else incremental; every engine "
-             "gives the same trace)")),
+             "gives the same trace). A named engine is never swapped: prefilled needs a "
+             "known source (TEXT, a file on stdin, eval), fused a live one (watch, a pipe "
+             "on stdin); the other pairings are refused before the model loads")),
     "system": Option(("--system",), dict(
         default=None, help="the instruction (default: translate English to French)")),
     "target_start": Option(("--target-start",), dict(
@@ -175,22 +184,43 @@ def decode_config(args, **overrides) -> DecodeConfig:
 # --- models ------------------------------------------------------------------------------
 
 
+def check_adapter_option(adapter: str | None) -> None:
+    """A missing or damaged --adapter (simulref.adapters.read_adapter) is a usage error
+    naming it, before any model loads."""
+    if adapter is None:
+        return
+    from simulref.adapters import AdapterError, read_adapter
+
+    try:
+        read_adapter(adapter)
+    except (FileNotFoundError, AdapterError) as error:
+        raise UsageError(f"--adapter {adapter}: {error}") from None
+
+
 def load_model(spec: str | None, dtype: str | None = None, adapter: str | None = None):
-    """(model, tokenizer) for a preset name or a path; a bad one is a usage error."""
+    """(model, tokenizer) for a preset name or a path; a bad one is a usage error (an
+    adapter that does not fit the model blames --adapter, not --model)."""
     from simulref import models
+    from simulref.adapters import AdapterError
 
     name = spec or models.DEFAULT_PRESET
-    if adapter is not None:
-        from simulref.adapters import check_adapter
-
-        try:
-            check_adapter(adapter)  # a missing adapter costs no model load
-        except FileNotFoundError as error:
-            raise UsageError(f"--adapter {adapter}: {error}") from None
+    check_adapter_option(adapter)  # a missing or damaged adapter costs no model load
     try:
         return models.load(name, dtype, adapter=adapter)
+    except AdapterError as error:
+        option = f"--adapter {adapter}" if adapter is not None else f"--model {name}"
+        raise UsageError(f"{option}: {error}") from None
     except (OSError, ValueError, models.DownloadError) as error:
         raise UsageError(f"--model {name}: {error}") from None
+
+
+def check_engine(config: DecodeConfig, known_source: bool) -> None:
+    """Refuse, before the model loads, an --engine that cannot run this kind of source
+    (the rule: refused, never swapped; docs/decoder.md, "Engines")."""
+    try:
+        config.check_source(known_source)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
 
 
 def check_context(model, tokenizer, source, args, *, what: str = "TEXT") -> None:

@@ -15,7 +15,9 @@ from simulref.cli.args import (
     UsageError,
     add_model_options,
     batch_size,
+    check_adapter_option,
     check_context,
+    check_engine,
     decode_config,
     load_model,
     memory_size,
@@ -108,21 +110,18 @@ def run_eval(args) -> int:
     # Every run's options are checked before the model loads.
     base, *_ = [decode_config(args, k=(ks or [3])[0], layout=layout, system=system,
                               policy=None) for layout in layouts]
+    check_engine(base, known_source=True)  # every sentence is known up front
     for layout in layouts:
         for policy in policies:
             decode_config(args, layout=layout, system=system, policy=parse_policy(policy))
+    check_adapter_option(args.adapter)  # before its hash is taken, and before any load
     name = model_name(args.model)
     out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
-    settings = {
-        "model": name, "system": system, "target_start": args.target_start,
-        "max_tokens_per_word": args.max_tokens_per_word,
-        "stop_at_first_eos": args.stop_at_first_eos,
-        "data": args.dataset or str(path), "data_sha256": evaluate.sha256_of(pairs),
-        "sentences": len(pairs), "ks": ks, "layouts": layouts,
-        **({"policies": policies} if policies else {}),
-        "word_duration": args.word_duration,
-        **({"adapter": args.adapter} if args.adapter else {}),
-    }
+    # The one place an eval's settings are made (and so what a resume must match).
+    settings = evaluate.eval_settings(
+        base, model=name, dtype=args.dtype, adapter=args.adapter,
+        data=args.dataset or str(path), pairs=pairs, ks=ks, layouts=layouts,
+        policies=policies, word_duration=args.word_duration)
     # --- over several ranks (simulref.distributed; docs/distributed.md) ---------------
     from simulref import distributed
 

@@ -49,6 +49,11 @@ def run_models(args) -> int:
         console.print(f"removed {_size(freed)} left by interrupted downloads")
     size = _size(download.cache_size(directory)) or "empty"
     console.print(f"cache: {directory} ({size}; set SIMULREF_HOME to move it)", soft_wrap=True)
+    from simulref.adapters import ADAPTER_PRESETS
+
+    for name, preset in ADAPTER_PRESETS.items():
+        console.print(f"adapter preset: {name}: {preset.description} (--model {name} loads "
+                      f"{preset.base} with its LoRA)", soft_wrap=True)
     console.print("--model also takes a GGUF file, an mlx-lm model directory or a repo "
                   "name (org/name).", soft_wrap=True)
     return 0

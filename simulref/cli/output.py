@@ -39,14 +39,18 @@ def _check_writable(path: str, option: str) -> None:
 def save_trace(path: str, trace, option: str, write: Callable) -> None:
     """``write(path, [trace])``; when that fails late (the directory went away, the disk is
     full), the finished trace goes to a fresh file in the temporary directory instead, and
-    the error names both, so that a translation is never lost to its last step."""
+    the error (a :class:`~simulref.atomic.WriteError`: exit 74) names both, so that a
+    translation is never lost to its last step."""
+    from simulref.atomic import WriteError
+
     try:
         write(path, [trace])
     except OSError as error:
         import tempfile
 
+        why = error.why if isinstance(error, WriteError) else (error.strerror or str(error))
         handle, rescue = tempfile.mkstemp(prefix="simulref-trace-", suffix=".jsonl")
         os.close(handle)
         write(rescue, [trace])
-        raise UsageError(f"{option}: cannot write to {path} ({error.strerror or error}); "
-                         f"the trace was saved to {rescue}") from None
+        raise WriteError(f"{option} {path}", f"{why}; the trace was saved to {rescue}",
+                         error.errno) from None

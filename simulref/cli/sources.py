@@ -112,10 +112,24 @@ def source_words(text: str | None, stdin=None) -> Iterable[str]:
                 raise UsageError("stdin: no source words")
             return words
         return require_words(words_from_stream(stream), "stdin")
+    check_utf8(text, "TEXT")
     words = text.split()
     if not words:
         raise UsageError("TEXT: expected at least one word")
     return words
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text that held bytes that are not UTF-8: on Linux such argv bytes arrive as
+    lone surrogates (``\udce9`` for byte 0xe9), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        byte = (f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF
+                else f"U+{ord(bad):04X}")
+        raise UsageError(f"{what}: not UTF-8 ({byte} at character {error.start + 1}); "
+                         f"expected UTF-8 text") from None
 
 
 def _source_name(text: str | None) -> str:

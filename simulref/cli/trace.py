@@ -9,8 +9,11 @@ from simulref.cli.args import UsageError
 
 def add_trace(subparsers) -> None:
     p = subparsers.add_parser("trace", help="render stored traces compactly",
-                              description="Print each trace in FILE.jsonl as one line "
-                                          "(R read, W write, E dropped EOS, F finish).")
+                              description="Print each trace in FILE.jsonl as two lines: "
+                                          "its target text, then its events on one line "
+                                          "(R read, W write, E dropped EOS, B blank run, "
+                                          "R$ source end, L look, H hypothesis, F "
+                                          "finish; docs/trace-format.md).")
     p.add_argument("file", metavar="FILE.jsonl")
     p.set_defaults(run=run_trace)
 

@@ -102,18 +102,71 @@ def _read(path: Path, option: str):
     leak = databuild.first_held_out(pairs, databuild.training_guard())
     if leak is not None:
         raise UsageError(f"{option}: {path}:{leak[0]}: source {leak[1]!r} is held out from "
-                         "training (a bundled test-set or reserved source)")
-    return [(p.source, p.reference) for p in pairs]
+                         "training (a bundled test-set or reserved source, compared by "
+                         "its words)")
+    return pairs
+
+
+def _check_model(spec: str | None) -> None:
+    """An adapter preset already carries a LoRA: train its base instead (before it
+    loads, and before --out is made)."""
+    from simulref.adapters import ADAPTER_PRESETS
+
+    if spec in ADAPTER_PRESETS:
+        raise UsageError(f"--model {spec}: an adapter preset already carries a LoRA "
+                         f"adapter; train on its base instead (--model "
+                         f"{ADAPTER_PRESETS[spec].base})")
+
+
+def _check_out(out: Path, args) -> None:
+    """--out, before the model loads: a directory (or one still to be made) that takes
+    files; an existing checkpoint only with --resume, and then one below --iters. It is
+    not made here: training makes it once the model loaded and every pair fits."""
+    from simulref import atomic, finetune
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    try:
+        atomic.probe_writable(out)
+    except atomic.WriteError as error:
+        raise UsageError(f"--out: {error}") from None
+    if not (out / finetune.CHECKPOINT_FILE).is_file():
+        return
+    if not args.resume:
+        raise UsageError(f"--out: {out} already holds a checkpoint; add --resume to "
+                         f"continue it or choose another directory")
+    try:
+        step, _ = finetune.checkpoint_info(out)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise UsageError(f"--resume: {out / finetune.CHECKPOINT_FILE} cannot be read "
+                         f"({' '.join(str(error).split())}); remove it to start over") from None
+    if step >= args.iters:
+        raise UsageError(f"--iters: the checkpoint in {out} is at step {step}, and --iters "
+                         f"is {args.iters}: nothing to train; give --iters above {step} to "
+                         f"train on")
+
+
+def _context_error(error, data, valid) -> UsageError:
+    """simulref.limits' refusal of a training pair (or --target-start) as the command
+    line names it: the option, and the file and line of the pair. ``data``, ``valid``:
+    (pairs, path) of --data and --valid-data."""
+    if error.argument == "target_start":
+        return UsageError(f"--target-start: {str(error).removeprefix('target_start: ')}")
+    option, (pairs, path) = (("--valid-data", valid) if error.argument == "valid_pairs"
+                             else ("--data", data))
+    why = str(error).split(": ", 1)[1]  # after "pairs[i]: "
+    return UsageError(f"{option}: {path}:{pairs[error.index].line}: {why}")
 
 
 def run_train(args) -> int:
-    from simulref import evaluate, finetune
+    from simulref import evaluate, finetune, limits
 
     bundled = args.data in TRAIN_SETS
     path = train_file(args.data, "train") if bundled else Path(args.data)
     if not bundled and not path.is_file():
         raise UsageError(f"--data: expected {' or '.join(TRAIN_SETS)} or a TSV file, "
                          f"got {args.data!r} (no such file)")
+    _check_model(args.model)
     pairs = _read(path, "--data")
     if args.limit is not None:
         pairs = pairs[: args.limit]
@@ -124,15 +177,7 @@ def run_train(args) -> int:
                   else train_file(args.data, "valid") if bundled else None)
     valid = _read(valid_path, "--valid-data") if valid_path else []
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory")
-    if (out / finetune.CHECKPOINT_FILE).is_file() and not args.resume:
-        raise UsageError(f"--out: {out} already holds a checkpoint; add --resume to "
-                         f"continue it or choose another directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out: cannot create {out} ({error.strerror or error})") from None
+    _check_out(out, args)
     system = args.system or evaluate.default_system(None, path)
     name = model_name(args.model)
 
@@ -140,8 +185,12 @@ def run_train(args) -> int:
     lora = finetune.LoraConfig(rank=args.rank, scale=args.lora_scale,
                                num_layers=args.lora_layers)
     try:
-        summary = _train_with_progress(args, model, tokenizer, pairs, valid, lora, system,
+        summary = _train_with_progress(args, model, tokenizer,
+                                       [(p.source, p.reference) for p in pairs],
+                                       [(p.source, p.reference) for p in valid], lora, system,
                                        name, str(args.data))
+    except limits.ContextError as error:  # the check translate makes, before any step
+        raise _context_error(error, (pairs, path), (valid, valid_path)) from None
     except ValueError as error:  # a checkpoint from other settings, an untokenizable pair
         raise UsageError(str(error)) from None
     except KeyboardInterrupt:
@@ -151,7 +200,9 @@ def run_train(args) -> int:
     before, after = summary["valid_before"], summary["valid_after"]
     valid_text = ("" if before is None else
                   f"; valid loss {before:.3f} -> {after:.3f}")
-    print(f"simulref train: {summary['steps']} steps in {summary['seconds']:.0f} s"
+    resumed = (f" (resumed at step {summary['start_step']})" if summary["start_step"]
+               else "")
+    print(f"simulref train: {summary['steps']} steps{resumed} in {summary['seconds']:.0f} s"
           f"{valid_text}; adapter: {out} (use --model {name} --adapter {out})")
     return 0
 
@@ -172,16 +223,23 @@ def _train_with_progress(args, model, tokenizer, pairs, valid, lora, system, nam
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=args.iters, loss="-", speed="-")
+    # The bar starts with the first step: a refusal (a pair past the context, a resume
+    # with other settings) stays the one line of a usage error.
+    bar: list = []
 
-        def on_step(p: finetune.Progress) -> None:
-            bar.update(task, completed=p.step, loss=f"{p.loss:.3f}",
-                       speed=f"{p.tokens_per_s:.0f}")
-            if not console.is_terminal:  # a log file gets one line per step
-                console.print(f"step {p.step}/{p.iters} loss {p.loss:.3f} "
-                              f"{p.tokens_per_s:.0f} tok/s {p.elapsed_s:.0f} s")
+    def on_step(p: finetune.Progress) -> None:
+        if not bar:
+            bar.append(Progress(*columns, console=console, transient=False))
+            bar[0].start()
+            bar.append(bar[0].add_task("train", total=args.iters, loss="-", speed="-"))
+        progress, task = bar
+        progress.update(task, completed=p.step, loss=f"{p.loss:.3f}",
+                        speed=f"{p.tokens_per_s:.0f}")
+        if not console.is_terminal:  # a log file gets one line per step
+            console.print(f"step {p.step}/{p.iters} loss {p.loss:.3f} "
+                          f"{p.tokens_per_s:.0f} tok/s {p.elapsed_s:.0f} s")
 
+    try:
         return finetune.train(
             model, tokenizer, pairs, args.out, mode=args.mode, k=args.k,
             target_start=args.target_start, iters=args.iters, batch_size=args.batch_size,
@@ -189,6 +247,9 @@ def _train_with_progress(args, model, tokenizer, pairs, valid, lora, system, nam
             steps_per_save=args.steps_per_save, max_minutes=args.max_minutes,
             steps_per_eval=args.steps_per_eval,
             resume=args.resume, model_name=name, data_name=data, on_step=on_step)
+    finally:
+        if bar:
+            bar[0].stop()
 
 
 __all__ = ["CHECKPOINT_FILE", "add_train_parser", "run_train"]

@@ -11,6 +11,7 @@ from simulref.cli.args import (
     EXIT_INTERRUPTED,
     add_model_options,
     check_context,
+    check_engine,
     decode_config,
     load_model,
     rebase_times,
@@ -66,6 +67,7 @@ def run_translate(args) -> int:
     from simulref.trace import Finish, Read, Trace, Write, render_compact
 
     source = source_words(args.text)
+    check_engine(decode_config(args), known_source=isinstance(source, list))
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     out = sys.stdout

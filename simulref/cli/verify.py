@@ -26,7 +26,8 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("trace", metavar="TRACE.jsonl", help="traces in simulref's JSON Lines format")
     p.add_argument("-k", "--k", dest="k", type=positive_int, default=None, metavar="K",
                    help="wait-k lag to check the schedule against (default: each trace's "
-                        "settings.k; none: no schedule check)")
+                        "settings.k; a trace without one, of another policy, gets no "
+                        "schedule check)")
     p.add_argument("--against", metavar="REF.jsonl", default=None,
                    help="reference traces to compare with, position by position")
     p.set_defaults(run=run_verify)

@@ -12,6 +12,8 @@ from simulref.cli.args import (
     UsageError,
     add_model_options,
     check_context,
+    check_engine,
+    decode_config,
     load_model,
     non_negative_float,
     rebase_times,
@@ -42,12 +44,14 @@ def add_watch(subparsers) -> None:
     p.set_defaults(run=run_watch)
 
 
-def watch(events: Iterator, arrivals: Arrivals, view: Callable, console) -> tuple[list, bool]:
+def watch(events: Iterator, arrivals: Arrivals, view: Callable, console,
+          shown: list | None = None) -> tuple[list, bool]:
     """Drain ``events`` while showing ``view(events so far, words arrived)`` live on a
-    terminal; elsewhere (a pipe, a file) print only the final frame."""
+    terminal; elsewhere (a pipe, a file) print only the final frame. ``shown``: the list
+    the events go to as they come (the caller keeps them should the display fail)."""
     from rich.live import Live
 
-    shown: list = []
+    shown = [] if shown is None else shown
 
     def frame():
         return view(list(shown), list(arrivals.words))
@@ -65,6 +69,23 @@ def watch(events: Iterator, arrivals: Arrivals, view: Callable, console) -> tupl
         return collect(events, on_event)
 
 
+def watch_keeping_events(events: Iterator, arrivals: Arrivals, view: Callable, console):
+    """:func:`watch`, but a display that fails (stdout closed, ``> /dev/full``) does not
+    end the translation: the rest is decoded unseen, so a --save trace is whole.
+    Returns (events, interrupted, the OSError stdout gave or None)."""
+    shown: list = []
+    try:
+        events_seen, interrupted = watch(events, arrivals, view, console, shown)
+        return events_seen, interrupted, None
+    except OSError as error:  # BrokenPipeError included: the reader went away
+        from simulref.trace import Finish
+
+        if shown and isinstance(shown[-1], Finish):  # it failed on the final frame
+            return shown, False, error
+        rest, interrupted = collect(events)
+        return shown + rest, interrupted, error
+
+
 def run_watch(args) -> int:
     from simulref.cli.views import VIEWS, trace_view
     from simulref.trace import Read, Trace, write_traces
@@ -74,6 +95,7 @@ def run_watch(args) -> int:
     if args.save is not None:
         _check_writable(args.save, "--save")
     source = source_words(args.text)
+    check_engine(decode_config(args), known_source=False)  # watch replays even TEXT live
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     if args.delay:
@@ -83,10 +105,12 @@ def run_watch(args) -> int:
     view = VIEWS[args.mode]
     if view is trace_view:
         view = functools.partial(trace_view, t0=start)
-    events, interrupted = watch(stream_events(args, arrivals, model, tokenizer), arrivals,
-                                view, stdout_console())
-    if args.save is not None:
+    events, interrupted, output_error = watch_keeping_events(
+        stream_events(args, arrivals, model, tokenizer), arrivals, view, stdout_console())
+    if args.save is not None:  # first: the trace is kept whatever stdout did
         words = tuple(e.word for e in events if isinstance(e, Read))
         trace = Trace(trace_settings(args, arrivals, model), words, tuple(events))
         save_trace(args.save, rebase_times(trace, start), "--save", write_traces)
+    if output_error is not None:
+        raise output_error  # main: 141 for a reader gone away, else a write error
     return EXIT_INTERRUPTED if interrupted else 0

@@ -22,7 +22,6 @@ from rich.console import Console
 
 from simulref import decoder, models
 from simulref.cli import main
-from simulref.cli.args import UsageError
 from simulref.cli.eval import PlainProgress
 from simulref.cli.output import save_trace
 from simulref.cli.sources import Arrivals, paced, words_from_chunks, words_from_stream
@@ -476,8 +475,10 @@ def test_a_finished_trace_survives_a_failing_save(gguf, loaded, tmp_path):
             raise OSError(28, "No space left on device")
         write_traces(path, traces)
 
-    with pytest.raises(UsageError, match=r"No space left on device\); the trace was saved"
-                       ) as caught:
+    from simulref.atomic import WriteError
+
+    with pytest.raises(WriteError, match=r"--save .*t.jsonl: cannot write \(No space left "
+                                         r"on device; the trace was saved") as caught:
         save_trace(str(tmp_path / "t.jsonl"), trace, "--save", flaky)
     rescue = Path(calls[1])
     try:

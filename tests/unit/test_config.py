@@ -67,3 +67,23 @@ def test_settings_record_the_options_policy_and_engine():
     assert DecodeConfig(policy=ReadAll()).settings("m").k is None
     assert DecodeConfig(policy=Scripted((1, 2))).settings("m").option("policy") == "scripted"
     assert DecodeConfig(sampler=lambda x: x).settings("m").option("sampler") == "custom"
+
+
+@pytest.mark.parametrize("engine, known, ok", [
+    ("prefilled", True, True), ("prefilled", False, False),
+    ("fused", False, True), ("fused", True, False),
+    ("auto", True, True), ("auto", False, True),
+    ("incremental", True, True), ("incremental", False, True),
+])
+def test_an_engine_for_the_other_kind_of_source_is_refused_before_a_model_loads(
+        engine, known, ok):
+    """Issue 21, item 2: `translate TEXT --engine fused`, `watch --engine prefilled` (and
+    eval --engine fused) crashed after the model loaded; the rule is to refuse, with the
+    check the decoder makes, before anything is loaded."""
+    config = DecodeConfig(engine=engine)
+    if ok:
+        config.check_source(known)
+    else:
+        want = "a source known up front" if engine == "prefilled" else "a live source"
+        with pytest.raises(ValueError, match=rf"engine: '{engine}' needs {want}"):
+            config.check_source(known)

@@ -182,3 +182,32 @@ def test_the_reserved_sources_are_always_held_out(tmp_path, monkeypatch):
                for line in (out / "postgres-en-fr.train.tsv").read_text().splitlines()}
     assert SENTENCE not in sources and sources
     assert databuild.training_guard().excludes(SENTENCE)
+
+
+def test_held_out_compares_the_words_the_decoder_sees(tmp_path):
+    """Issue 21, item 8: a test source with a doubled internal space (or a tab, or a
+    non-breaking space: str.split splits them all) is the same source to the decoder,
+    so it is held out too, whether the test set or a reserved hash lists it."""
+    test_set = tmp_path / "test.tsv"
+    test_set.write_text("The server closed the connection unexpectedly\tLe serveur\n")
+    reserved = tmp_path / "reserved.sha256"
+    reserved.write_text(source_hash("could not open the file for reading") + "\n")
+    held = databuild.held_out([test_set], [reserved])
+    for source in ("The server  closed the connection unexpectedly",
+                   " The server closed\tthe connection unexpectedly ",
+                   "The server\u00a0closed the connection unexpectedly",
+                   "could  not open the file for reading",
+                   "could not open the file\tfor reading"):
+        assert held.excludes(source), source
+    assert not held.excludes("The server closed the connection")
+
+
+def test_a_test_set_source_written_with_odd_spacing_is_held_out_as_its_words(tmp_path):
+    test_set = tmp_path / "test.tsv"
+    test_set.write_text("The server  closed   the connection\tLe serveur\n")
+    assert databuild.held_out([test_set]).excludes("The server closed the connection")
+
+
+def test_no_shipped_source_is_held_out_even_by_its_words():
+    guard = databuild.training_guard()
+    assert not [(name, s) for name, s, _ in shipped_pairs() if guard.excludes(s)]

@@ -351,3 +351,176 @@ def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfThe weather\tIl fait\nnice day\tbeau jour\n")
     pairs = evaluate.read_pairs(path)
     assert [p.source for p in pairs] == ["The weather", "nice day"]
+
+
+# --- the resume guard: what must match for stored sentences to be reused --------------
+
+
+def _settings(tmp_path, **options):
+    """eval_settings of a tiny eval, ``options`` overriding its keyword arguments."""
+    keywords = dict(config=DecodeConfig(), model="m", dtype="float32", adapter=None,
+                    data="dev.tsv", pairs=PAIRS, ks=[1], layouts=["group"],
+                    word_duration=0.4)
+    keywords.update(options)
+    return evaluate.eval_settings(**keywords)
+
+
+def _adapter(directory, weights: bytes):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapters.safetensors").write_bytes(weights)
+    (directory / "adapter_config.json").write_text('{"num_layers": 1}')
+    return directory
+
+
+def _other_value(name: str):
+    """A value of each DecodeConfig option other than its default (a test per option:
+    a new option has no entry here and fails the test below until it gets one)."""
+    from simulref.prompt import ChatFormat
+
+    def custom_sampler(logprobs):
+        return logprobs.argmax(axis=-1)
+
+    from simulref.policy import WaitK
+
+    return {
+        "policy": WaitK(2), "system": "Translate to German", "target_start": 5,
+        "max_tokens_per_word": 7,
+        "max_new_words": 4, "stop_at_first_eos": True, "sampler": custom_sampler,
+        "chat_format": ChatFormat(prefix="<s>{system}\n", suffix="\n", header="A:"),
+        "engine": "incremental",
+    }[name]
+
+
+def test_every_decode_option_changes_the_fingerprint(tmp_path):
+    """Each DecodeConfig field is either per run (k, layout: the RunSpec and its files
+    hold them) or in the fingerprint: iterating over the fields, a new option cannot be
+    forgotten."""
+    import dataclasses as dc
+
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    for field_ in dc.fields(DecodeConfig):
+        if field_.name in evaluate.PER_RUN_OPTIONS:
+            continue
+        config = DecodeConfig.of(DecodeConfig(), **{field_.name: _other_value(field_.name)})
+        settings = _settings(tmp_path, config=config)
+        assert evaluate.settings_fingerprint(settings) != base, field_.name
+        for _ in range(2):  # recorded, then read back from settings.json as the same
+            check_out_dir(tmp_path / field_.name, settings)
+    assert evaluate.PER_RUN_OPTIONS == {"k", "layout"}
+
+
+def test_model_dtype_adapter_content_and_data_change_the_fingerprint(tmp_path):
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    one = _adapter(tmp_path / "one", b"weights one")
+    with_one = evaluate.settings_fingerprint(_settings(tmp_path, adapter=one))
+    others = {
+        "model": _settings(tmp_path, model="other"),
+        "dtype": _settings(tmp_path, dtype="bfloat16"),
+        "adapter": _settings(tmp_path, adapter=one),
+        "data": _settings(tmp_path, pairs=PAIRS[:1]),
+    }
+    for what, settings in others.items():
+        assert evaluate.settings_fingerprint(settings) != base, what
+    # The adapter counts by content: the same files elsewhere are the same adapter,
+    # new weights in the same directory another one.
+    copy = _adapter(tmp_path / "copy", b"weights one")
+    assert evaluate.settings_fingerprint(_settings(tmp_path, adapter=copy)) == with_one
+    _adapter(one, b"weights two")
+    assert evaluate.settings_fingerprint(_settings(tmp_path, adapter=one)) != with_one
+
+
+def test_what_changes_no_trace_may_differ_on_a_resume(tmp_path):
+    base = evaluate.settings_fingerprint(_settings(tmp_path))
+    for options in ({"data": "./dev.tsv"}, {"ks": [1, 3, 5]}, {"layouts": ["interleaved"]},
+                    {"word_duration": 1.0}):
+        settings = _settings(tmp_path, **options)
+        assert evaluate.settings_fingerprint(settings) == base, options
+
+
+def test_a_resume_without_the_adapter_or_in_another_dtype_is_refused(tmp_path):
+    """Issue 21, item 1: the stored sentences of an eval with --adapter A were scored
+    with those of a rerun without it (and another --dtype decoded nothing)."""
+    adapter = _adapter(tmp_path / "A", b"weights")
+    out = tmp_path / "out"
+    check_out_dir(out, _settings(tmp_path, adapter=adapter))
+    with pytest.raises(DataError, match=r"adapter_sha256: stored '[0-9a-f]{64}', now None"):
+        check_out_dir(out, _settings(tmp_path))
+    with pytest.raises(DataError, match=r"dtype: stored 'float32', now 'bfloat16'"):
+        check_out_dir(out, _settings(tmp_path, adapter=adapter, dtype="bfloat16"))
+    check_out_dir(out, _settings(tmp_path, adapter=adapter, ks=[1, 3]))  # more runs: fine
+
+
+def test_an_old_settings_file_without_a_key_is_refused_naming_it(tmp_path):
+    stored = _settings(tmp_path)
+    del stored["dtype"]
+    (tmp_path / "settings.json").write_text(json.dumps(stored))
+    with pytest.raises(DataError, match=r"dtype: stored \(not recorded\), now 'float32'"):
+        check_out_dir(tmp_path, _settings(tmp_path))
+
+
+def test_a_full_disk_during_an_eval_leaves_no_half_record_and_resumes(tiny, tmp_path,
+                                                                       monkeypatch):
+    """Issue 21, item 4: a full disk is a WriteError (one line, naming the file), the
+    progress file keeps only whole records, and a rerun finishes the same traces."""
+    import errno
+    import os
+
+    from simulref import atomic
+
+    specs = [RunSpec("group", 2)]
+    _evaluation(tiny, tmp_path / "whole", specs).run()
+    real_write, calls = os.write, []
+
+    def full_on_the_second_record(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            real_write(fd, data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", full_on_the_second_record)
+    with pytest.raises(atomic.WriteError, match=r"progress/group-k2.jsonl: cannot write "
+                                                r"\(No space left on device\)"):
+        _evaluation(tiny, tmp_path / "cut", specs).run()
+    progress = tmp_path / "cut" / specs[0].progress_file
+    assert progress.read_bytes().endswith(b"\n") and len(load_records(progress)) == 1
+    monkeypatch.setattr(atomic.os, "write", real_write)
+    _evaluation(tiny, tmp_path / "cut", specs).run()
+    assert _untimed(tmp_path / "cut" / specs[0].traces_file) == \
+        _untimed(tmp_path / "whole" / specs[0].traces_file)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_an_eval_that_fails_before_its_first_record_leaves_no_settings(tiny, tmp_path,
+                                                                       monkeypatch,
+                                                                       batch_size):
+    """Issue 21, item 2: `eval --engine fused` crashed and left settings.json (and the
+    lock) behind. Whatever fails before the first record is stored, the settings this
+    run wrote go again; once a record is stored they stay (the resume guard)."""
+    from simulref import batch, decoder
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the engine crashed")
+
+    monkeypatch.setattr(decoder, "translate", crash)
+    monkeypatch.setattr(batch, "decode_items", crash)
+    with evaluate.lock_out_dir(tmp_path / "out") as _lock:
+        with pytest.raises(RuntimeError, match="crashed"):
+            _evaluation(tiny, tmp_path / "out", batch_size=batch_size).run()
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    specs = [RunSpec("group", 1)]
+    calls = []
+    real = decoder.translate
+
+    def crash_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the engine crashed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "translate", crash_on_the_second)
+    with pytest.raises(RuntimeError):
+        _evaluation(tiny, tmp_path / "kept", specs).run()
+    assert (tmp_path / "kept" / "settings.json").is_file()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulref import finetune
+from simulref import finetune, limits
 from simulref.decoder import token_table, translate
 from simulref.policy import WaitK, schedule
 from simulref.prompt import DEFAULT_SYSTEM, template_for
@@ -350,3 +350,88 @@ def test_train_rejects_bad_arguments(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_train(tmp_path, **{option: value})
 
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("pairs", [("word " * 40, "mot " * 40)] * 4, r"pairs\[0\]: the pair needs \d+ tokens"),
+    ("target_start", 100000, r"target_start: 100000 puts the target group"),
+])
+def test_train_refuses_what_cannot_fit_in_the_context(tmp_path, option, value, message):
+    """Issue 21, item 8: the check translate makes (simulref.limits), before training
+    starts and before --out is made."""
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    model.args.max_position_embeddings = 128
+    options = dict(iters=1, batch_size=2, lora=finetune.LoraConfig(rank=4, num_layers=1))
+    pairs = value if option == "pairs" else PAIRS
+    if option == "target_start":
+        options["target_start"] = value
+    with pytest.raises(limits.ContextError, match=message):
+        finetune.train(model, tokenizer, pairs, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+# --- resuming: what it refuses, and how it says so (issue 21, item 9) ---------------------
+
+
+def test_a_resume_with_the_same_data_under_another_path_is_the_same_run(tmp_path):
+    tiny_train(tmp_path, iters=4, data_name="ok1.tsv")
+    _, summary = tiny_train(tmp_path, iters=6, resume=True, data_name="./ok1.tsv")
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
+def test_a_resume_with_other_settings_names_the_key_that_differs(tmp_path):
+    tiny_train(tmp_path, iters=4)
+    with pytest.raises(ValueError) as caught:
+        tiny_train(tmp_path, iters=8, resume=True, lr=5e-3)
+    message = str(caught.value)
+    assert "lr: the checkpoint has 0.01, now 0.005" in message, message
+    assert "'mode'" not in message and "data_sha256" not in message  # not the whole dict
+    with pytest.raises(ValueError, match=r"lora_parameters.rank: the checkpoint has 4, now 2"):
+        tiny_train(tmp_path, iters=8, resume=True, lora=finetune.LoraConfig(rank=2,
+                                                                            num_layers=2))
+
+
+def test_a_resume_past_iters_is_refused_and_changes_nothing(tmp_path):
+    tiny_train(tmp_path, iters=4)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for iters in (3, 4):
+        with pytest.raises(ValueError, match=rf"iters: the checkpoint in .* is at step 4, "
+                                             rf"and --iters is {iters}: nothing to train"):
+            tiny_train(tmp_path, iters=iters, resume=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_model_that_already_has_lora_layers_is_refused_before_out_is_made(tmp_path):
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    finetune.add_lora(model, finetune.LoraConfig(rank=4, num_layers=1))
+    with pytest.raises(ValueError, match="model: it already has LoRA layers"):
+        finetune.train(model, tokenizer, PAIRS, tmp_path / "out", iters=1, batch_size=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_saving_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    """Issue 21, item 4: MLX reports a full disk as a RuntimeError from
+    save_safetensors; train raises a WriteError naming the file and leaves the previous
+    checkpoint and adapter whole, with no temp file: a resume continues from there."""
+    from simulref import atomic
+
+    real_save, saves = mx.save_safetensors, []
+
+    def full_at_the_third_save(path, arrays, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # the checkpoint of step 8 (each save: checkpoint, adapter)
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise RuntimeError("[write] Unable to write 94557 bytes to file.")
+        return real_save(path, arrays, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_at_the_third_save)
+    with pytest.raises(atomic.WriteError, match=r"checkpoint.safetensors: cannot write"):
+        tiny_train(tmp_path, iters=8)
+    assert finetune.checkpoint_info(tmp_path)[0] == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(mx, "save_safetensors", real_save)
+    _, summary = tiny_train(tmp_path, iters=8, resume=True)
+    assert summary["start_step"] == 4 and summary["steps"] == 8
+    log = (tmp_path / finetune.LOG_FILE).read_text()
+    assert log.endswith("\n") and all(json.loads(line) for line in log.splitlines())

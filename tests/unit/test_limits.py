@@ -59,3 +59,31 @@ def test_need_of_counts_the_prompt_as_the_decoder_feeds_it():
     prompt = assemble(tok, "The weather is nice", system=DEFAULT_SYSTEM)
     need = limits.need_of(tok, "The weather is nice".split(), system=DEFAULT_SYSTEM)
     assert need == Need(len(prompt.ids) + len(prompt.header_ids), guard_words(4))
+
+
+def _examples(texts, tok=None):
+    from simulref.finetune import make_examples
+
+    return make_examples(tok or tiny_tokenizer(), texts, mode="streaming", ks=(2,))
+
+
+def test_a_training_pair_past_the_context_is_refused_by_the_same_check():
+    """Issue 21, item 8: train accepted a pair and a --target-start past the model's
+    context that translate refuses; one check (check_fits) serves both."""
+    pairs = [("the weather is nice", "il fait beau"), ("a b c d e f g h", "a b c d e f g h")]
+    examples = _examples(pairs)
+    longest = max(len(e.source) + len(e.inputs) for e in examples)
+    limits.check_examples_fit(examples, longest)  # fits to the last token
+    with pytest.raises(ContextError, match=r"valid_pairs\[1\]: the pair needs "
+                                           rf"{longest} tokens .* context of {longest - 1}") as e:
+        limits.check_examples_fit(examples, longest - 1, argument="valid_pairs")
+    assert (e.value.argument, e.value.index) == ("valid_pairs", 1)
+
+
+def test_a_training_target_start_past_the_context_is_refused():
+    examples = _examples([("the weather is nice", "il fait beau")])
+    target = len(examples[0].inputs)
+    limits.check_examples_fit(examples, 1000, target_start=1000 - target)
+    with pytest.raises(ContextError, match=rf"expected at most {1000 - target}") as e:
+        limits.check_examples_fit(examples, 1000, target_start=1001 - target)
+    assert e.value.argument == "target_start"

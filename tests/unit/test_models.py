@@ -357,3 +357,9 @@ def test_bad_name(value, error):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype: expected None or one of"):
         models.load("smollm2-135m", dtype="int4")
+
+
+def test_the_unknown_model_error_names_the_adapter_presets_too():
+    """Issue 21, item 10: the adapter preset was missing from the list."""
+    with pytest.raises(ValueError, match=r"an adapter preset \(smollm2-135m-simul-fr\)"):
+        models.load("gpt-5")
