@@ -266,9 +266,9 @@ def run_records(out: Path, spec: RunSpec, *, repair: int | None = None) -> list[
 
 # The decode options each run sets for itself: its RunSpec (and its files' names) holds
 # them, so they are not part of the eval's settings. (A policy is per run only for the
-# offline run, which sets ReadAll; one given in the shared config applies to every other
-# run, so it is recorded.)
-PER_RUN_OPTIONS = frozenset({"k", "layout", "policy"})  # each run sets its own
+# offline run, which sets ReadAll, and for a RunSpec with its own policy; one given in the
+# shared config applies to every wait-k run, so it is recorded.)
+PER_RUN_OPTIONS = frozenset({"k", "layout"})
 # Settings that change no trace, so a resume may change them: the paths (their content's
 # hash is compared instead: ``./dev.tsv`` and ``dev.tsv`` are the same data), which runs
 # and how many sentences there are (each run and sentence has its own record), and the
@@ -579,7 +579,7 @@ class Evaluation:
             from simulref.policy import parse_policy
 
             return DecodeConfig.of(base, policy=parse_policy(spec.policy))
-        return DecodeConfig.of(base, k=spec.k, policy=None)
+        return DecodeConfig.of(base, k=spec.k)
 
     def translate(self, spec: RunSpec, source: str):
         from simulref import decoder
