@@ -255,3 +255,23 @@ def test_verify_catches_an_unseen_write():
     events = [e for e in trace.events if not isinstance(e, Look)]
     assert "policy.confidence" in {v.rule for v in check_policy(replace(trace,
                                                                       events=tuple(events)))}
+
+
+def test_translate_batch_gives_one_at_a_time_traces_for_every_policy():
+    """Observing policies and LocalAgreement are decoded one at a time in a batch's turn
+    (not in its rows yet): the same traces as translate(), wait-k rows beside them."""
+    from simulref.batch import Item, decode_items, Finished
+    from simulref.config import DecodeConfig
+    from simulref.policy import LocalAgreement, WaitK
+
+    sentences = ["The weather is nice today", "I want to buy a new car", "so we walk"]
+    policies = [WaitK(2), Confidence(0.5), LocalAgreement(2)]
+    items = [Item((s, p.name), s, DecodeConfig(policy=p, max_new_words=5))
+             for s in sentences for p in policies]
+    done = {f.key: f.trace for f in decode_items(model_of("llama"), tok(), items,
+                                                 batch_size=4, model_id="tiny")
+            if isinstance(f, Finished)}
+    for item in items:
+        alone = translate(model_of("llama"), tok(), item.source, item.config,
+                          model_id="tiny")
+        assert untimed(done[item.key]).events == untimed(alone).events, item.key
