@@ -173,3 +173,16 @@ def test_verify_catches_an_early_commit():
         e for i, e in enumerate(events) if not (isinstance(e, Write) and i > h + 1
                                                 and e == first_write)))
     assert any("needs 2 hypotheses" in v.message for v in check_policy(doctored))
+
+
+def test_generated_tokens_count_every_hypothesis_token():
+    """Eval's token count (tokens per second, compute) counts what re-translation
+    generates: the twin feeds each generated token once, plus one re-feed (or the
+    header) per hypothesis."""
+    from simulref.evaluate import generated_tokens
+
+    words = "The weather is nice today so we walk".split()
+    twin, forwards = run(model_of("llama"), words, LocalAgreement(2), "incremental",
+                         max_tokens_per_word=4)
+    assert generated_tokens(twin) == forwards - len(twin.hypotheses)
+    assert generated_tokens(twin) > sum(len(w.token_ids) for w in twin.writes)
