@@ -40,7 +40,7 @@ from .engine import (
     supports_row_offsets,
 )
 from .limits import context_length
-from .policy import LOOK, READ, Candidate, decide, is_agreement
+from .policy import READ, Candidate, decide, is_agreement
 from .prompt import template_for
 from .trace import BlankRun, DroppedEos, Finish, Look, Read, SourceEnd, Trace, Write
 

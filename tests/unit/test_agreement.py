@@ -98,7 +98,7 @@ def test_the_draft_saves_forwards_when_hypotheses_agree():
     script = tokenizer.encode(" Le renard brun saute", add_special_tokens=False)
     chain = [header_last, *script]
     (eos,) = tokenizer.eos_token_ids
-    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:])), default=eos)
+    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:], strict=False)), default=eos)
     words = "The quick brown fox jumps over the lazy dog".split()
     twin = translate(model, tokenizer, words, policy=LocalAgreement(2), engine="incremental")
     fast = translate(model, tokenizer, words, policy=LocalAgreement(2), engine="auto")

@@ -13,7 +13,7 @@ from traces import untimed
 
 from simulref.cache import TARGET
 from simulref.decoder import Feed, stream, translate
-from simulref.policy import LOOK, READ, WRITE, Candidate, Confidence, Scripted
+from simulref.policy import LOOK, READ, WRITE, Candidate, Confidence
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
 from simulref.trace import Look, Read, Trace, Write
@@ -45,10 +45,10 @@ def same_up_to_probs(a, b) -> bool:
     """Equal traces, but for the looks' probabilities, which agree to PROB_TOLERANCE."""
     if len(a.events) != len(b.events):
         return False
-    for x, y in zip(untimed(a).events, untimed(b).events):
+    for x, y in zip(untimed(a).events, untimed(b).events, strict=True):
         if isinstance(x, Look) and isinstance(y, Look):
             if (x.read, x.token_ids) != (y.read, y.token_ids) or any(
-                    abs(p - q) > PROB_TOLERANCE for p, q in zip(x.probs, y.probs)):
+                    abs(p - q) > PROB_TOLERANCE for p, q in zip(x.probs, y.probs, strict=True)):
                 return False
         elif x != y:
             return False
@@ -56,7 +56,7 @@ def same_up_to_probs(a, b) -> bool:
 
 
 def near_threshold(trace, threshold: float) -> bool:
-    return any(abs(l.probs[0] - threshold) <= PROB_TOLERANCE for l in looks(trace))
+    return any(abs(look.probs[0] - threshold) <= PROB_TOLERANCE for look in looks(trace))
 
 
 @settings(max_examples=20, deadline=None)
@@ -130,12 +130,12 @@ def test_the_probability_is_the_softmax_of_the_logits():
     script = tokenizer.encode(" Le renard brun", add_special_tokens=False)
     chain = [header_last, *script]
     (eos,) = tokenizer.eos_token_ids
-    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:])), default=eos)
+    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:], strict=False)), default=eos)
     expected = math.exp(20) / (math.exp(20) + len(tokenizer) - 1)
     for engine in ("incremental", "prefilled"):
         trace = translate(model, tokenizer, "a b c d", policy=Confidence(0.5), engine=engine)
-        assert looks(trace) and all(l.probs[0] == pytest.approx(expected, abs=1e-5)
-                                    for l in looks(trace))
+        assert looks(trace) and all(look.probs[0] == pytest.approx(expected, abs=1e-5)
+                                    for look in looks(trace))
         assert trace.delays == (1, 1, 1)  # sure at once: write after the first word
         # The tiny random model is never that sure: at threshold 1 it reads everything.
         unsure = translate(model_of("llama"), tokenizer, "a b c d", policy=Confidence(1.0),
@@ -200,7 +200,7 @@ def test_a_feed_looks_once_per_decision():
             continue
         got.append(e)
     reads_and_looks = [type(e).__name__ for e in got if isinstance(e, (Read, Look))]
-    for a, b in zip(reads_and_looks, reads_and_looks[1:]):
+    for a, b in zip(reads_and_looks, reads_and_looks[1:], strict=False):
         assert (a, b) != ("Look", "Look")
 
 
@@ -260,7 +260,7 @@ def test_verify_catches_an_unseen_write():
 def test_translate_batch_gives_one_at_a_time_traces_for_every_policy():
     """Observing policies and LocalAgreement are decoded one at a time in a batch's turn
     (not in its rows yet): the same traces as translate(), wait-k rows beside them."""
-    from simulref.batch import Item, decode_items, Finished
+    from simulref.batch import Finished, Item, decode_items
     from simulref.config import DecodeConfig
     from simulref.policy import LocalAgreement, WaitK
 
