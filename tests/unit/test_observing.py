@@ -166,8 +166,11 @@ class WriteFromKMin:
        words=st.lists(st.sampled_from(POOL), min_size=2, max_size=7),
        k_min=st.integers(1, 3), engine=st.sampled_from(["incremental", "prefilled"]))
 def test_a_look_costs_no_forward(arch, words, k_min, engine):
-    """Confidence(0) looks before every word and always writes: the same trace, and as
-    many target forwards, as the count-only policy with its schedule."""
+    """Confidence(0) looks before every word and always writes: the same trace as the
+    count-only policy with its schedule, and as many target forwards with the twin. (The
+    prefilled engine runs an observing policy one step at a time, where the count-only
+    one is pipelined and may feed a step ahead that the run's end wastes: never more.)"""
+    assume(k_min < len(words))  # else the source is done before any look
     model = model_of(arch)
     trace = translate(model, tok(), words, policy=Confidence(0.0, k_min), engine=engine,
                       max_new_words=6)
@@ -176,8 +179,9 @@ def test_a_look_costs_no_forward(arch, words, k_min, engine):
     plain = translate(model, tok(), words, policy=same, engine=engine, max_new_words=6)
     assert [e for e in untimed(trace).events if not isinstance(e, Look)] == \
         list(untimed(plain).events)
-    assert target_forwards(model, words, Confidence(0.0, k_min), engine) == \
-        target_forwards(model, words, same, engine)
+    looked = target_forwards(model, words, Confidence(0.0, k_min), engine)
+    plain = target_forwards(model, words, same, engine)
+    assert looked == plain if engine == "incremental" else looked <= plain
 
 
 def test_a_feed_looks_once_per_decision():
