@@ -279,3 +279,26 @@ def test_translate_batch_gives_one_at_a_time_traces_for_every_policy():
         alone = translate(model_of("llama"), tok(), item.source, item.config,
                           model_id="tiny")
         assert untimed(done[item.key]).events == untimed(alone).events, item.key
+
+
+@settings(max_examples=10, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=2, max_size=6),
+       threshold=st.sampled_from([0.3, 0.5, 0.7]))
+def test_a_looks_probability_is_that_of_the_forward_that_predicted_it(arch, words,
+                                                                      threshold):
+    """Each look's token is the argmax of one of the last two target forwards before it
+    (the one after the last token fed; the next may be the token fed ahead), and its
+    probability is the softmax of that forward's logits at the token: not a stale one."""
+    import mlx.core as mx
+
+    forwards = []
+    for event in stream(model_of(arch), tok(), words, policy=Confidence(threshold),
+                        engine="incremental", max_new_words=5,
+                        on_forward=lambda f: f.kind == TARGET and forwards.append(
+                            mx.softmax(f.logits.astype(mx.float32), axis=-1))):
+        if isinstance(event, Look):
+            (token,), (prob,) = event.token_ids, event.probs
+            last = [p for p in forwards[-2:] if int(mx.argmax(p).item()) == token]
+            assert last, "no recent forward predicted the looked-at token"
+            assert any(abs(p[token].item() - prob) < 1e-5 for p in last)
