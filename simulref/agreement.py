@@ -64,7 +64,6 @@ class AgreementEngine(IncrementalEngine):
 
     def predict(self, ids: Sequence[int]) -> int:
         """Feed ``ids``; the greedy token after the last of them."""
-
         self.fed.extend(ids)
         return self._feed_targets(list(ids)).item()
 
@@ -91,7 +90,7 @@ class AgreementEngine(IncrementalEngine):
 def common_prefix(hypotheses: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[int, ...]]:
     """The longest common word prefix (words compared as token tuples)."""
     out = []
-    for words in zip(*hypotheses):
+    for words in zip(*hypotheses, strict=False):  # as far as the shortest
         if any(w != words[0] for w in words):
             break
         out.append(words[0])
@@ -214,9 +213,6 @@ class AgreementRun(_Run):
         if not header:
             raise ValueError("chat_format: the assistant header tokenizes to nothing")
         return header
-
-    def _fits(self, tokens: int) -> bool:
-        return self.source_tokens + len(self.engine.fed) + tokens + 1 <= self.context
 
 
 def make_agreement_run(config, model, template, source, word_ids, policy, table, eos,

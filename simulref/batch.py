@@ -199,13 +199,15 @@ def check_batch_size(batch_size) -> int:
 def batchable(config: DecodeConfig) -> bool:
     """Whether a batch decodes ``config`` in its rows (group and interleaved layouts, the
     engine left to choose, a count-only policy); other configs are decoded one at a time
-    in the batch's turn (an observing policy or LocalAgreement, for now)."""
+    in the batch's turn. Observing policies (they read each token's probability) and
+    LocalAgreement (its own loop) are among those: the same traces, not batched yet."""
     from .policy import is_agreement
 
     policy = config.the_policy()
-    return (config.layout in ("group", "interleaved")
-            and config.engine in ("auto", "prefilled")
-            and not getattr(policy, "observes", False) and not is_agreement(policy))
+    if getattr(policy, "observes", False) or is_agreement(policy):
+        return False
+    return config.layout in ("group", "interleaved") and config.engine in ("auto",
+                                                                           "prefilled")
 
 
 @dataclass(frozen=True)

@@ -572,7 +572,12 @@ def _make_engine(config: DecodeConfig, model, template, source: _Source, word_id
 def engine_name(config: DecodeConfig, model, known_source: bool) -> str:
     """The engine that runs ``config`` on ``model`` for a source known up front or not: a
     model whose attention cannot take one RoPE offset per row falls back from ``fused``
-    to ``incremental`` (the trace's settings record the engine that ran)."""
+    to ``incremental`` (the trace's settings record the engine that ran). LocalAgreement
+    runs its own engine: ``draft`` (the fast path) or ``incremental`` (its twin)."""
+    if is_agreement(config.the_policy()):
+        from .agreement import FAST, TWIN
+
+        return FAST if config.engine == "auto" else TWIN
     name = config.engine_for(known_source)
     if name == "fused" and config.engine == "auto" and not supports_row_offsets(model):
         return "incremental"

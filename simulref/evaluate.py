@@ -719,9 +719,19 @@ def rebase_times(trace, t0: float):
 
 
 def generated_tokens(trace) -> int:
-    """Target tokens the model generated: those of the words written and of blank runs."""
-    from simulref.trace import BlankRun, Write
+    """Target tokens the model generated: those of the words written and of blank runs;
+    for LocalAgreement, every hypothesis's tokens after what was committed before it
+    (re-translation generates them again at each update, committed or not)."""
+    from simulref.trace import BlankRun, Hypothesis, Write
 
+    if any(isinstance(e, Hypothesis) for e in trace.events):
+        total, committed = 0, 0
+        for e in trace.events:
+            if isinstance(e, Hypothesis):
+                total += len(e.token_ids) - committed
+            elif isinstance(e, Write):
+                committed += len(e.token_ids)
+        return total
     return sum(len(e.token_ids) for e in trace.events if isinstance(e, (Write, BlankRun)))
 
 

@@ -207,7 +207,9 @@ def schedule(policy, source_length: int, target_length: int,
     read, delays = 0, []
     while len(delays) < target_length:
         done = read == source_length
-        look = None if candidates is None else (lambda: candidates(read, len(delays)))
+        written = len(delays)
+        look = (None if candidates is None
+                else (lambda read=read, written=written: candidates(read, written)))
         action = decide(policy, read, len(delays), done, source_length, look)
         if action is LOOK:
             raise ValueError(f"candidates: {policy!r} looks at the model; pass candidates=")

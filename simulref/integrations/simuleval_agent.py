@@ -60,7 +60,8 @@ def source_words(segments: Iterable[str]) -> list[str]:
 
 
 class SimulRefAgent(TextToTextAgent):
-    """Wait-k with simulref's decoder, as a SimulEval text-to-text agent.
+    """Wait-k (or any simulref policy: ``policy=``, ``--policy``) with simulref's decoder,
+    as a SimulEval text-to-text agent.
 
     ``SimulRefAgent(model, tokenizer, k=3, ...)`` wraps an already loaded model (what
     :func:`simulref.load` returns, or a test model); SimulEval's command line builds it
@@ -112,6 +113,10 @@ class SimulRefAgent(TextToTextAgent):
                                  "given, else float32 on CPU, quantized on a GPU)")
         parser.add_argument("--k", type=positive_int, default=3,
                             help="wait-k: words read before the first write (default: 3)")
+        parser.add_argument("--policy", type=_policy_arg, default=None,
+                            metavar="POLICY",
+                            help="a policy instead of wait-k: wait-k:K, confidence:T"
+                                 "[:k_min=K], local-agreement:N[:chunk=C] (docs/policies.md)")
         parser.add_argument("--layout", choices=LAYOUTS, default="group",
                             help="cache layout (default: group)")
         parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM,
@@ -130,7 +135,8 @@ class SimulRefAgent(TextToTextAgent):
         model, tokenizer = models.load(name, model_dtype(args))
         return cls(model, tokenizer, k=args.k, layout=args.layout, system=args.system_prompt,
                    target_start=args.target_start,
-                   max_tokens_per_word=args.max_tokens_per_word, model_id=name, args=args)
+                   max_tokens_per_word=args.max_tokens_per_word,
+                   policy=getattr(args, "policy", None), model_id=name, args=args)
 
     def to(self, device: str, *args, **kwargs) -> None:
         """SimulEval's device move: MLX places arrays itself (GPU when there is one)."""
@@ -182,6 +188,18 @@ class SimulRefAgent(TextToTextAgent):
             # The end of the source: with the last word (the suffix goes with it, as
             # SimulEval's text instances send `finished`), or later on its own.
             self._feed.end()
+
+
+def _policy_arg(text: str):
+    """``--policy``: :func:`simulref.policy.parse_policy`, its error as argparse's."""
+    import argparse
+
+    from simulref.policy import parse_policy
+
+    try:
+        return parse_policy(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def model_dtype(args) -> str | None:

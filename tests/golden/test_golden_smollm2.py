@@ -14,7 +14,7 @@ Update on purpose with ``pytest tests/golden --snapshot-update`` (see docs/golde
 from __future__ import annotations
 
 import pytest
-from goldens import SENTENCES, RealCase, check_real
+from goldens import SENTENCES, PolicyCase, RealCase, check_policy_case, check_real
 
 LAGS = (1, 3, 5, 1000)
 
@@ -63,3 +63,15 @@ def test_smollm2_goldens_in_one_batch(smollm2):
         expected = json.loads((stored / f"test_smollm2_trace[{case}].json").read_text())
         assert done[str(case)].settings.option("engine") == "batched"
         assert records(done[str(case)]) == expected, f"{case}: batched != snapshot"
+
+
+# Observing policies: Confidence at two thresholds and LocalAgreement-2, on two sentences.
+POLICY_CASES = [PolicyCase(sentence, policy) for sentence in ("short", "fox")
+                for policy in ("confidence:0.5", "confidence:0.8", "local-agreement:2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", POLICY_CASES, ids=str)
+def test_smollm2_policy_trace(case, smollm2, snapshot_json):
+    model, tokenizer = smollm2
+    check_policy_case(model, tokenizer, case, "smollm2-135m", snapshot_json)

@@ -98,7 +98,7 @@ def test_the_draft_saves_forwards_when_hypotheses_agree():
     script = tokenizer.encode(" Le renard brun saute", add_special_tokens=False)
     chain = [header_last, *script]
     (eos,) = tokenizer.eos_token_ids
-    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:])), default=eos)
+    model = successor_model(len(tokenizer), dict(zip(chain, chain[1:], strict=False)), default=eos)
     words = "The quick brown fox jumps over the lazy dog".split()
     twin = translate(model, tokenizer, words, policy=LocalAgreement(2), engine="incremental")
     fast = translate(model, tokenizer, words, policy=LocalAgreement(2), engine="auto")
@@ -173,3 +173,16 @@ def test_verify_catches_an_early_commit():
         e for i, e in enumerate(events) if not (isinstance(e, Write) and i > h + 1
                                                 and e == first_write)))
     assert any("needs 2 hypotheses" in v.message for v in check_policy(doctored))
+
+
+def test_generated_tokens_count_every_hypothesis_token():
+    """Eval's token count (tokens per second, compute) counts what re-translation
+    generates: the twin feeds each generated token once, plus one re-feed (or the
+    header) per hypothesis."""
+    from simulref.evaluate import generated_tokens
+
+    words = "The weather is nice today so we walk".split()
+    twin, forwards = run(model_of("llama"), words, LocalAgreement(2), "incremental",
+                         max_tokens_per_word=4)
+    assert generated_tokens(twin) == forwards - len(twin.hypotheses)
+    assert generated_tokens(twin) > sum(len(w.token_ids) for w in twin.writes)

@@ -34,6 +34,7 @@ from simulref.integrations.simuleval_agent import (
 )
 from simulref.policy import Scripted
 from simulref.testing import tiny_model, tiny_tokenizer
+from simulref.trace import Look
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORED = ("AL", "LAAL", "AP", "DAL")  # per instance in ins.metrics; ATD only as a corpus mean
@@ -254,3 +255,44 @@ def test_simuleval_scores_equal_simulref_scores_on_smollm2(tmp_path):
     evaluator = run_simuleval(agent, src, ref)
     check_against_simulref(evaluator, agent.traces, [p.reference for p in data])
     assert all(t.writes for t in agent.traces)
+
+
+@pytest.mark.parametrize("text", ["confidence:0.5", "local-agreement:2"])
+def test_observing_policies_run_in_the_agent(tmp_path, text):
+    """Confidence and LocalAgreement through SimulEval: translate()'s traces (the Feed
+    gets one word per call, the last with the suffix), SimulEval's delays and scores."""
+    from simulref.policy import parse_policy
+
+    model = model_of("llama")
+    data = pairs(3)
+    src, ref = write_files(tmp_path, [p.source for p in data], [p.reference for p in data])
+    policy = parse_policy(text)
+    agent = SimulRefAgent(model, tok(), policy=policy, model_id="tiny",
+                          max_tokens_per_word=6)
+    evaluator = run_simuleval(agent, src, ref)
+    for pair, trace in zip(data, agent.traces, strict=True):
+        expected = translate(model, tok(), pair.source, policy=policy, model_id="tiny",
+                             max_tokens_per_word=6)
+        assert without_probs(trace) == without_probs(expected)
+        # The agent's live engine and translate()'s prefilled one round differently.
+        assert [e.probs[0] for e in trace.events if isinstance(e, Look)] == pytest.approx(
+            [e.probs[0] for e in expected.events if isinstance(e, Look)], abs=1e-4)
+    check_against_simulref(evaluator, agent.traces, [p.reference for p in data])
+
+
+def without_probs(trace):
+    return [("look", e.read, e.token_ids) if isinstance(e, Look) else e
+            for e in untimed(trace).events]
+
+
+def test_the_policy_option():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    SimulRefAgent.add_args(parser)
+    from simulref.policy import Confidence
+
+    assert parser.parse_args(["--policy", "confidence:0.7"]).policy == Confidence(0.7)
+    assert parser.parse_args([]).policy is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy", "sometimes"])
