@@ -30,8 +30,8 @@ import time
 from collections.abc import Sequence
 
 from .cache import TARGET
-from .decoder import CONTEXT_LIMIT, EMPTY_SOURCE, NEED_INPUT, _Run
 from .engine import Forward, IncrementalEngine
+from .loop import CONTEXT_LIMIT, EMPTY_SOURCE, NEED_INPUT, _Run
 from .trace import Finish, Hypothesis, Read
 
 FAST, TWIN = "draft", "incremental"  # the engine names the trace records

@@ -3,7 +3,7 @@
 ``translate_batch(model, tokenizer, sources, ...)`` gives the same traces as
 ``[translate(model, tokenizer, s, ...) for s in sources]`` (greedy; up to float rounding
 at near-ties), with up to ``batch_size`` sentences in every forward. Each sentence keeps
-its own read/write loop (:class:`simulref.decoder._Run`: policy, word boundaries, EOS
+its own read/write loop (:class:`simulref.loop._Run`: policy, word boundaries, EOS
 handling, guards); only how its tokens reach the model changes. The loop runs until it
 needs a token (its engine, a :class:`_Row`, returns ``PENDING``); when every row waits,
 one forward serves them all and every row goes on.

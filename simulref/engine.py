@@ -431,7 +431,7 @@ class Forecast:
     feed the next step before the host knows the token (pipelining) and feed the right
     alternative (the token and budget a read would give) without waiting for it.
 
-    It restates the loop's rules (:meth:`simulref.decoder._Run.events`): EOS ends the run
+    It restates the loop's rules (:meth:`simulref.loop._Run.events`): EOS ends the run
     or is dropped and a word read; a token that opens a word when the word has content,
     or any token once the word holds ``max_tokens_per_word``, ends the word, after which
     the run finishes (words limit), reads (policy) or writes on. A wrong forecast costs

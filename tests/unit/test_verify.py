@@ -226,7 +226,7 @@ def simulate(words, k, n_targets, *, eos_at=(), worded=(), blank_at=(), max_new_
     EOS, and also samples EOS at the write attempts numbered in ``eos_at`` (right after a
     word, in the same attempt, for those also in ``worded``) and only whitespace, up to
     the 2-token word limit, at those in ``blank_at``. A plain restatement of the
-    decoder's loop (simulref.decoder._Run.events), without a model."""
+    decoder's loop (simulref.loop._Run.events), without a model."""
     n, policy, events = len(words), WaitK(k), []
     read = written = attempts = 0
     force = False
