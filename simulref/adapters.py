@@ -43,6 +43,13 @@ ADAPTER_PRESETS: dict[str, AdapterPreset] = {
             description="smollm2-135m + a streaming-trained LoRA (wait-k 1/3/5, en->fr, "
                         "postgres messages; see README)",
         ),
+        AdapterPreset(
+            name="qwen2.5-coder-0.5b-simul-fr",
+            base="qwen2.5-coder-0.5b",
+            directory="qwen2.5-coder-0.5b-simul-fr",
+            description="qwen2.5-coder-0.5b + a streaming-trained LoRA (wait-k 1/3/5, "
+                        "en->fr, postgres messages, 100 steps; see README)",
+        ),
     )
 }
 
