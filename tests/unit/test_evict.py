@@ -24,13 +24,13 @@ VOCAB = 300
 PREFIX, HEADER = 3, 2
 
 
-def one_layer_model(arch: str, seed: int = 0):
+def one_layer_model(arch: str, seed: int = 0, vocab_size: int = VOCAB):
     """tiny_model's recipe with one layer: a model where rotation can be exact."""
     from mlx.utils import tree_map
 
     common = dict(hidden_size=64, num_hidden_layers=1, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                  vocab_size=VOCAB, rope_theta=10000.0)
+                  vocab_size=vocab_size, rope_theta=10000.0)
     if arch == "llama":
         from mlx_lm.models import llama as module
 
