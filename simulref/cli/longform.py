@@ -109,12 +109,12 @@ def _pair_text(done) -> str:
     return f"[{done.index}] {done.source}\n    → {done.target}\n"
 
 
-def run_watch(args, source, model, tokenizer) -> int:
+def run_watch(args, source, model, tokenizer, collect) -> int:
     """The long-form watch: a terminal shows the last finished pairs and the sentence in
     progress, scrolling sentence by sentence; elsewhere each pair is printed when it
-    is finished."""
+    is finished. ``collect``: translate's event drain (Ctrl-C handling), passed in so
+    that this module does not import the subcommands that import it."""
     from simulref.cli.output import stdout_console
-    from simulref.cli.translate import collect
     from simulref.longform import SentenceDone
     from simulref.trace import Read, Write
 
@@ -171,11 +171,10 @@ def run_watch(args, source, model, tokenizer) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
-def run_translate(args, source, model, tokenizer) -> int:
+def run_translate(args, source, model, tokenizer, collect) -> int:
     """The long-form translate: target words as they are written, a new line at each
     finished sentence; ``--json``: each finished sentence's trace as JSON Lines as soon
     as it is finished; ``--trace``: each sentence's compact trace at the end."""
-    from simulref.cli.translate import collect
     from simulref.longform import SentenceDone
     from simulref.trace import Write, render_compact
 

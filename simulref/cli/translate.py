@@ -73,7 +73,7 @@ def run_translate(args) -> int:
     if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
         from simulref.cli import longform
 
-        return longform.run_translate(args, source, model, tokenizer)
+        return longform.run_translate(args, source, model, tokenizer, collect)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     out = sys.stdout
     written = [0]

@@ -81,7 +81,8 @@ def run_watch(args) -> int:
     if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
         from simulref.cli import longform
 
-        return longform.run_watch(args, paced(source, args.delay), model, tokenizer)
+        return longform.run_watch(args, paced(source, args.delay), model, tokenizer,
+                                  collect)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     if args.delay:
         source = paced(source, args.delay)

@@ -7,13 +7,12 @@ import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_evict import one_layer_model
 
 from simulref.decoder import token_table
 from simulref.longform import Evicted, Longform, SentenceDone, stream_longform
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
 from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
-
-from test_evict import one_layer_model
 
 WORDS = ["The", "dog", "runs.", "A", "cat", "sits", "here.", "We", "go", "home!", "fast",
          "now", "Is", "it?", "Dr.", "Smith", "came."]
