@@ -131,7 +131,9 @@ class Longform:
     which old pairs are evicted when a sentence starts; ``evict_to`` (default 3/4 of the
     budget): what eviction brings it down to. ``eviction``: ``"reprefill"`` (exact) or
     ``"rotate"`` (fast; see :mod:`simulref.evict`). ``max_sentence_words``: a sentence
-    is cut after that many words. Decode options as for :func:`simulref.decoder.stream`
+    is cut after that many words. ``sentence_starts``: the stream indices of the
+    sentences' first words, when they are known (a dataset's documents); the splitter
+    and the cut are then not used. Decode options as for :func:`simulref.decoder.stream`
     (group layout; engine ``auto``, ``fused`` or ``incremental``).
     """
 
@@ -139,8 +141,10 @@ class Longform:
                  context_budget: int = DEFAULT_BUDGET, evict_to: int | None = None,
                  eviction: str = "reprefill",
                  max_sentence_words: int = DEFAULT_SENTENCE_WORDS,
-                 on_forward: Callable | None = None, **options):
+                 sentence_starts=None, on_forward: Callable | None = None, **options):
         config = DecodeConfig.of(config, **options)
+        if sentence_starts is not None:
+            sentence_starts = _check_starts(sentence_starts)
         _check_positive("context_budget", context_budget)
         if evict_to is None:
             evict_to = context_budget * 3 // 4
@@ -179,6 +183,8 @@ class Longform:
         self._run.policy = _SentencePolicy(self._run.policy, self)
         self.evictor = Evictor(model, engine.caches, eviction)
         self._splitter = SentenceSplitter()
+        # Known sentence boundaries (a dataset's documents): they replace the splitter.
+        self._known_starts = None if sentence_starts is None else frozenset(sentence_starts)
         self._starts: list[int] = []  # stream index of each sentence's first word
         self._arrived = 0
         self._ended = False  # the input is over
@@ -245,10 +251,12 @@ class Longform:
         if not isinstance(word, str):
             raise TypeError(f"words: expected str words, got {word!r}")
         opened = not self._starts
-        if len(self._splitter.open_words) >= self.max_sentence_words:
+        if self._known_starts is not None:
+            opened = opened or self._arrived in self._known_starts
+        elif len(self._splitter.open_words) >= self.max_sentence_words:
             self._splitter.finish()
             opened = True
-        if self._splitter.push(word):
+        elif self._splitter.push(word):
             opened = True
         if opened:
             self._starts.append(self._arrived)
@@ -362,6 +370,37 @@ def stream_longform(model, tokenizer, words, config: DecodeConfig | None = None,
                     evict_to=evict_to, eviction=eviction,
                     max_sentence_words=max_sentence_words, on_forward=on_forward,
                     **options).events()
+
+
+def translate_document(model, tokenizer, document, config: DecodeConfig | None = None,
+                       **options):
+    """Decode a :class:`~simulref.documents.SourceDocument` as one long-form stream, its
+    sentence boundaries taken from the dataset (not the splitter), and return
+    ``(longform_metrics.Document, Longform)``: the output words with their delays (source
+    words of the document read when each was written), ready for
+    :func:`~simulref.longform_metrics.longform_scores`."""
+    starts = [offset for offset, _ in document.clock]
+    session = Longform(model, tokenizer, document.text, config, sentence_starts=starts,
+                       **options)
+    words, delays, read = [], [], 0
+    for event in session.events():
+        if isinstance(event, Read):
+            read = event.source_index + 1
+        elif isinstance(event, Write):
+            words.append(event.word)
+            delays.append(read)
+    return document.output(words, delays), session
+
+
+def _check_starts(starts) -> list[int]:
+    if isinstance(starts, (str, bytes)) or not isinstance(starts, Iterable):
+        raise TypeError(f"sentence_starts: expected word indices, got {starts!r}")
+    out = list(starts)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in out) or \
+            out != sorted(set(out)):
+        raise ValueError(f"sentence_starts: expected increasing word indices >= 0, "
+                         f"got {out!r}")
+    return out
 
 
 def _check_positive(name: str, value) -> None:

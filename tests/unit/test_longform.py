@@ -232,3 +232,22 @@ def test_bad_arguments_are_named(llama, tok):
             stream_longform(llama, tok, "a b", **kwargs)
     with pytest.raises(TypeError, match="words"):
         stream_longform(llama, tok, 5)
+
+
+def test_a_document_decodes_with_its_own_sentences_and_scores(llama, tok):
+    from simulref.documents import build_documents
+    from simulref.longform import translate_document
+    from simulref.longform_metrics import longform_scores
+
+    pairs = [("the dog runs", "le chien court"), ("a cat sits here", "un chat"),
+             ("we go home", "nous rentrons")]  # no punctuation: the splitter would not cut
+    (document,) = build_documents(pairs, 3)
+    output, session = translate_document(llama, tok, document, k=2, max_tokens_per_word=2,
+                                         context_budget=40)
+    assert [s.source for s in session.sentences] == [p[0] for p in pairs]
+    assert output.words == tuple(w for s in session.sentences for w in s.target_words)
+    assert list(output.delays) == sorted(output.delays)
+    scores = longform_scores([output])
+    assert scores["sentences"] == 3 and "LongYAAL" in scores
+    with pytest.raises(ValueError, match="sentence_starts"):
+        Longform(llama, tok, "a b", sentence_starts=[2, 1])
