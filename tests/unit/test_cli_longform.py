@@ -111,3 +111,21 @@ def test_usage_errors(gguf, capsys):
     assert main(["translate", TEXT, "--longform", "--layout", "interleaved",
                  "--model", gguf, *FAST]) == 2
     assert "layout" in capsys.readouterr().err
+
+
+def test_eval_longform_scores_documents_next_to_short_form(gguf, capsys, tmp_path):
+    data = tmp_path / "dev.en-fr.tsv"
+    data.write_text("The weather is nice\tIl fait beau\nI want a car\tJe veux une voiture\n"
+                    "We go home\tNous rentrons\n")
+    out = tmp_path / "out"
+    assert main(["eval", str(data), "--model", gguf, "-k", "1", "2", "--no-offline",
+                 "--out", str(out), "--longform", "--doc-size", "2",
+                 "--max-tokens-per-word", "3", "--context-budget", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "short-form vs long-form" in printed and "long (D=2)" in printed
+    rows = json.loads((out / "longform.json").read_text())
+    assert [(r["k"], r["documents"], r["sentences"]) for r in rows] == [(1, 2, 3), (2, 2, 3)]
+    assert all("LongYAAL" in r and "BLEU" in r for r in rows)
+    assert main(["eval", str(data), "--model", gguf, "--layout", "interleaved",
+                 "--out", str(tmp_path / "o2"), "--longform"]) == 2
+    assert "--longform" in capsys.readouterr().err
