@@ -253,11 +253,12 @@ class Longform:
         opened = not self._starts
         if self._known_starts is not None:
             opened = opened or self._arrived in self._known_starts
-        elif len(self._splitter.open_words) >= self.max_sentence_words:
-            self._splitter.finish()
-            opened = True
-        elif self._splitter.push(word):
-            opened = True
+        else:
+            if len(self._splitter.open_words) >= self.max_sentence_words:
+                self._splitter.finish()
+                opened = True
+            if self._splitter.push(word):
+                opened = True
         if opened:
             self._starts.append(self._arrived)
         self._arrived += 1
