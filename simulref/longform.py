@@ -33,6 +33,14 @@ and one assistant turn that holds the whole target (target group), in one cache.
   again).
 """
 
+# What this module relies on in the decoder and engines (no hook was added; a change
+# there must keep these, or give a hook): ``decoder._make_run`` and, on the _Run it
+# returns, ``policy`` (replaced by _SentencePolicy), ``source_tokens`` (lowered by an
+# eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
+# (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches`` and
+# ``shared``; and that between two events, just after a Read, the engine holds no
+# pending token (the last fed token is out of the cache, to be fed again).
+
 from __future__ import annotations
 
 import time
