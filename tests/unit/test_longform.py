@@ -251,3 +251,16 @@ def test_a_document_decodes_with_its_own_sentences_and_scores(llama, tok):
     assert scores["sentences"] == 3 and "LongYAAL" in scores
     with pytest.raises(ValueError, match="sentence_starts"):
         Longform(llama, tok, "a b", sentence_starts=[2, 1])
+
+
+def test_a_real_tiny_model_stays_bounded_too(llama, tok):
+    """The same bound through the tiny llama (RoPE positions, real attention), 90
+    sentences of 3 words: at most the budget plus two pairs (each at most its words'
+    tokens and the guard's 16 words of 2 tokens), whatever the stream's length."""
+    words = "The dog runs. A cat sits. We go.".split() * 30
+    session = Longform(llama, tok, words, k=1, max_tokens_per_word=2, context_budget=100)
+    evictions = sum(isinstance(e, Evicted) for e in session.events())
+    assert len(session.sentences) == 90 and evictions > 20
+    bound = 100 + 2 * (3 * 4 + 16 * 2)
+    assert session.peak_slots <= bound and session.peak_position <= bound
+    assert session._run.engine.caches[0].keys.shape[2] <= 256
