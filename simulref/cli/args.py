@@ -165,6 +165,30 @@ DECODE_OPTIONS: dict[str, Option] = {
 }
 
 
+# Long-form decoding (simulref.longform) of watch and translate: not DecodeConfig
+# fields, so kept apart from DECODE_OPTIONS (decode_config maps every one of those).
+LONGFORM_OPTIONS: dict[str, Option] = {
+    "longform": Option(("--longform",), dict(
+        action="store_true",
+        help="translate an endless stream sentence by sentence at bounded memory: "
+             "finished sentence pairs stay as context, the oldest are evicted past "
+             "--context-budget (docs/longform.md)")),
+    "context_budget": Option(("--context-budget",), dict(
+        type=positive_int, default=1024, metavar="N",
+        help="with --longform: context tokens above which old sentence pairs are "
+             "evicted (default: 1024)")),
+    "eviction": Option(("--eviction",), dict(
+        choices=("reprefill", "rotate"), default="reprefill",
+        help="with --longform: reprefill (exact) or rotate (RoPE re-rotation: fast, "
+             "approximate past the first layer) (default: reprefill)")),
+}
+
+
+def add_longform_options(parser: argparse.ArgumentParser) -> None:
+    for option in LONGFORM_OPTIONS.values():
+        option.add(parser)
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
     """The model options, then the decode options (``many``: several k and layouts)."""
     for option in (*MODEL_OPTIONS.values(), *DECODE_OPTIONS.values()):

@@ -67,6 +67,9 @@ def add_eval(subparsers) -> None:
                         "files (a shared --out), network (mx.distributed) or auto (files "
                         "when every rank sees the others' files; default); a single "
                         "process ignores it")
+    from simulref.cli import eval_longform
+
+    eval_longform.add_options(p)  # --longform --doc-size D (simulref.cli.eval_longform)
     p.set_defaults(run=run_eval)
 
 
@@ -114,6 +117,9 @@ def run_eval(args) -> int:
     for layout in layouts:
         for policy in policies:
             decode_config(args, layout=layout, system=system, policy=parse_policy(policy))
+    from simulref.cli import eval_longform
+
+    eval_longform.check(args, layouts)
     check_adapter_option(args.adapter)  # before its hash is taken, and before any load
     name = model_name(args.model)
     out = Path(args.out or f"eval-{args.dataset or path.stem}-{_slug(Path(name).name)}")
@@ -199,12 +205,19 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
     print(f"simulref eval: decoded in {time.monotonic() - start:.0f} s"
           + (f", peak batch KV cache {peak[0] / 2**20:.0f} MiB" if size > 1 else "")
           + _peak_memory(), file=sys.stderr)
+    longform = None
+    if args.longform and plan is None:  # (not over ranks yet)
+        from simulref.cli import eval_longform
+
+        longform = eval_longform.run(args, model, tokenizer, pairs, base, ks, out)
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
     console = stdout_console()
     if not console.is_terminal:  # a log or a pipe: room for every column (rich's default: 80)
         console = stdout_console(width=120)
     console.print(evaluate.results_table(summaries))
     console.print(evaluate.omnisteval_table(summaries))
+    if longform is not None:
+        console.print(eval_longform.table(summaries, longform))
     console.print(f"results: {out / 'results.json'}")
     for plot in plots:
         console.print(f"plot: {plot}")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from simulref.cli.args import (
     EXIT_INTERRUPTED,
+    add_longform_options,
     add_model_options,
     check_context,
     check_engine,
@@ -31,7 +32,9 @@ def add_translate(subparsers) -> None:
     output.add_argument("--trace", action="store_true",
                         help="also print the compact read/write trace")
     output.add_argument("--json", action="store_true",
-                        help="print the trace as JSON Lines instead of the translation")
+                        help="print the trace as JSON Lines instead of the translation (with "
+                             "--longform: each sentence's trace as soon as it is finished)")
+    add_longform_options(p)
     p.set_defaults(run=run_translate)
 
 
@@ -69,6 +72,10 @@ def run_translate(args) -> int:
     source = source_words(args.text)
     check_engine(decode_config(args), known_source=isinstance(source, list))
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
+    if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
+        from simulref.cli import longform
+
+        return longform.run_translate(args, source, model, tokenizer, collect)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     out = sys.stdout
     written = [0]

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from simulref.cli.args import (
     EXIT_INTERRUPTED,
     UsageError,
+    add_longform_options,
     add_model_options,
     check_context,
     check_engine,
@@ -40,7 +41,9 @@ def add_watch(subparsers) -> None:
     p.add_argument("--delay", type=non_negative_float, default=0.0, metavar="SECONDS",
                    help="pause between source words of a fixed TEXT (default: 0)")
     p.add_argument("--save", metavar="FILE.jsonl", default=None,
-                   help="also write the trace to FILE.jsonl")
+                   help="also write the trace to FILE.jsonl (with --longform: each "
+                        "sentence's trace, appended as soon as it is finished)")
+    add_longform_options(p)
     p.set_defaults(run=run_watch)
 
 
@@ -97,6 +100,11 @@ def run_watch(args) -> int:
     source = source_words(args.text)
     check_engine(decode_config(args), known_source=False)  # watch replays even TEXT live
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
+    if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
+        from simulref.cli import longform
+
+        return longform.run_watch(args, paced(source, args.delay), model, tokenizer,
+                                  collect)
     check_context(model, tokenizer, source, args, what=_source_name(args.text))
     if args.delay:
         source = paced(source, args.delay)
