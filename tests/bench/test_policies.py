@@ -2,8 +2,9 @@
 
 - LocalAgreement-2, the draft fast path (``engine="auto"``) against its twin that
   generates every hypothesis token by token (``engine="incremental"``), on sources of
-  20 to 40 words (consecutive dev messages joined): the same traces, wall time (A B B A per sentence, so the
-  load of a shared machine cancels out), and model calls per committed target token;
+  20 to 40 words (consecutive dev messages joined): the same traces, wall time (A B B A
+  per sentence, so the load of a shared machine cancels out), and model calls per
+  committed target token;
 - Confidence against wait-k on the same sentences (the prefilled engine): model calls per
   target token fed, to show that an observing decision costs no forward.
 
