@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 
+from simulref.metrics import lagging
 from simulref.resegment import resegment
 
 __all__ = [
@@ -214,15 +215,7 @@ def long_laal(delays: Sequence[float], source_length: float, reference_length: f
     return _al(d, x, max(len(d), y))
 
 
-def _al(d: tuple[float, ...], x: float, y: float) -> float:
-    if d[0] > x:
-        return d[0]
-    lags = []
-    for i, di in enumerate(d):
-        lags.append(di - i * x / y)
-        if di >= x:
-            break
-    return math.fsum(lags) / len(lags)
+_al = lagging  # AL's sum: the long-form scores check their own (offset) arguments
 
 
 def long_ap(delays: Sequence[float], source_length: float, reference_length: float) -> float:

@@ -92,6 +92,14 @@ def al(delays: Sequence[float], source_length: float, target_length: float) -> f
     d = _delays(delays)
     x = _positive("source_length", source_length)
     y = _positive("target_length", target_length)
+    return lagging(d, x, y)
+
+
+def lagging(d: Sequence[float], x: float, y: float) -> float:
+    """AL's sum over checked arguments (delays ``d``, ``|X| = x``, ``|Y| = y``): the mean
+    of ``d_i - (i - 1) x / y`` up to the first delay that reaches the source's end. Shared
+    with the long-form scores, whose delays (offset by each sentence's start) may be
+    negative."""
     if d[0] > x:
         return d[0]
     lags = []
