@@ -455,9 +455,11 @@ class _Run:
             if reads:
                 event = self._read()
                 if event is NEED_INPUT:
-                    # The caller pushes a word; the decision stands (an observing policy
-                    # is not asked, nor its look recorded, twice).
-                    force_read = True
+                    # The caller pushes a word. A decision made on a look stands (an
+                    # observing policy is not asked, nor its look recorded, twice); any
+                    # other is asked again, since the word pushed can change what the
+                    # source says (a long-form sentence closes when the next one starts).
+                    force_read = force_read or bool(looks)
                     yield event
                     continue
                 if event is CONTEXT_LIMIT:

@@ -361,5 +361,9 @@ def test_bad_dtype():
 
 def test_the_unknown_model_error_names_the_adapter_presets_too():
     """Issue 21, item 10: the adapter preset was missing from the list."""
-    with pytest.raises(ValueError, match=r"an adapter preset \(smollm2-135m-simul-fr\)"):
+    from simulref.adapters import ADAPTER_PRESETS
+
+    with pytest.raises(ValueError, match=r"an adapter preset \(") as error:
         models.load("gpt-5")
+    assert all(name in str(error.value) for name in ADAPTER_PRESETS)
+    assert "smollm2-135m-simul-fr" in ADAPTER_PRESETS

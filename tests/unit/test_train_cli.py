@@ -121,7 +121,8 @@ def test_shipped_adapter_presets_are_complete(name):
     config = json.loads((preset.path / finetune.CONFIG_FILE).read_text())
     assert config["fine_tune_type"] == "lora" and config["simulref"]["model"] == preset.base
     size = (preset.path / finetune.ADAPTER_FILE).stat().st_size
-    assert size < 8 << 20  # "a few MB"
+    # "A few MB": rank 8 on 16 blocks in float32 is 5.2 MB for SmolLM2, 11.8 MB for Qwen.
+    assert size < 12 << 20
     assert not (preset.path / finetune.CHECKPOINT_FILE).exists()  # optimizer state stays out
 
 
