@@ -30,9 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 
-from simulref.metrics import lagging
+from simulref.metrics import _number, lagging  # one number check for both
 from simulref.resegment import resegment
 
 __all__ = [
@@ -103,15 +102,6 @@ class Segment:
     @property
     def reference_length(self) -> int:
         return len(self.reference.split())
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return x
 
 
 def _times(name: str, values: object) -> tuple[float, ...]:

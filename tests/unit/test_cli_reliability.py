@@ -23,10 +23,6 @@ from simulref.trace import read_traces
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--max-tokens-per-word", "4"]
-TSV = ("The weather is nice today\tIl fait beau aujourd'hui\n"
-       "I want to buy a car\tJe veux acheter une voiture\n"
-       "The quick brown fox jumps\tLe renard brun saute\n"
-       "The old dog sleeps under the table\tLe vieux chien dort sous la table\n")
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +30,6 @@ def gguf(tmp_path_factory) -> str:
     from tiny_gguf import write_tiny_gguf
 
     return str(write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", seed=1))
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "pairs.en-fr.tsv"
-    path.write_text(TSV, encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr(models, "load", refuse)
 
 
 @pytest.fixture(scope="module")
