@@ -7,7 +7,9 @@ rich renderable, so the same function draws each frame of a live display and the
 picture, and tests can render it to a fixed-width console and compare text.
 
 ``source_words`` may run ahead of the events: words that arrived on stdin but that the
-policy has not read yet are shown dimmed.
+policy has not read yet are shown dimmed. So is LocalAgreement's uncommitted tail: the
+words of its last hypothesis that are not committed yet (Whisper-Streaming shows its
+unconfirmed text the same way), when the view is given ``detokenize`` to spell them.
 """
 
 from __future__ import annotations
@@ -21,11 +23,21 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from simulref.trace import BlankRun, DroppedEos, Event, Finish, Read, SourceEnd, Write
+from simulref.trace import (
+    BlankRun,
+    DroppedEos,
+    Event,
+    Finish,
+    Hypothesis,
+    Read,
+    SourceEnd,
+    Write,
+)
 
 CURSOR = "▌"
 READ_STYLE = "bold cyan"
 PENDING_STYLE = "dim"
+TAIL_STYLE = "dim green"  # hypothesised, not committed
 WRITE_STYLE = "bold green"
 
 
@@ -86,6 +98,19 @@ def _source_words(events: Sequence[Event], source_words: Sequence[str]) -> list[
     return words
 
 
+def uncommitted_tail(events: Sequence[Event]) -> tuple[int, ...]:
+    """The token ids of the last hypothesis past what has been written since: what
+    LocalAgreement still holds back (empty for every other policy, and once the run
+    finished, since the final hypothesis is committed whole)."""
+    if _finish(events) is not None:
+        return ()
+    hypothesis = next((e for e in reversed(events) if isinstance(e, Hypothesis)), None)
+    if hypothesis is None:
+        return ()
+    written = sum(len(w.token_ids) for w in _writes(events))
+    return hypothesis.token_ids[written:]
+
+
 def status_line(events: Sequence[Event], source_words: Sequence[str]) -> Text:
     """``read 4/? · written 3 · lag 1 · running`` while running (the number of source
     words is unknown until the stream ends), ``read 6/6 · written 5 · finish: eos`` after."""
@@ -106,12 +131,15 @@ def status_line(events: Sequence[Event], source_words: Sequence[str]) -> Text:
     return Text(" · ".join(parts), style="italic")
 
 
-def live_view(events: Sequence[Event], source_words: Sequence[str] = ()) -> RenderableType:
+def live_view(events: Sequence[Event], source_words: Sequence[str] = (), *,
+              detokenize: Callable[[Sequence[int]], str] | None = None) -> RenderableType:
     """Two growing lines, source and target, with the read and write cursors.
 
     Read source words are bold, words that arrived but are not read yet are dim; the
     cursor sits after the last word read (source) and the last word written (target)
-    until the stream finishes."""
+    until the stream finishes. With ``detokenize`` (token ids to text: the tokenizer's
+    decode), the uncommitted tail of a LocalAgreement hypothesis follows the cursor,
+    dimmed."""
     words = _source_words(events, source_words)
     n_read = len(_reads(events))
     running = _finish(events) is None
@@ -128,9 +156,13 @@ def live_view(events: Sequence[Event], source_words: Sequence[str] = ()) -> Rend
 
     # Written pieces carry their own leading whitespace; newlines would break the line.
     written = re.sub(r"\s+", " ", "".join(w.text for w in _writes(events))).strip()
-    target = Text(written, style=WRITE_STYLE)
+    target = Text()
+    target.append(written, style=WRITE_STYLE)
     if running:
         target.append(CURSOR, style="blink")
+    tail = uncommitted_tail(events) if detokenize is not None else ()
+    if tail:
+        target.append(re.sub(r"\s+", " ", detokenize(tail)).rstrip(), style=TAIL_STYLE)
 
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)

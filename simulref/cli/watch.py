@@ -90,7 +90,7 @@ def watch_keeping_events(events: Iterator, arrivals: Arrivals, view: Callable, c
 
 
 def run_watch(args) -> int:
-    from simulref.cli.views import VIEWS, trace_view
+    from simulref.cli.views import VIEWS, live_view, trace_view
     from simulref.trace import Read, Trace, write_traces
 
     if args.delay and (args.text is None or args.text == "-"):
@@ -113,6 +113,8 @@ def run_watch(args) -> int:
     view = VIEWS[args.mode]
     if view is trace_view:
         view = functools.partial(trace_view, t0=start)
+    elif view is live_view:  # LocalAgreement's uncommitted tail, spelled and dimmed
+        view = functools.partial(live_view, detokenize=lambda ids: tokenizer.decode(list(ids)))
     events, interrupted, output_error = watch_keeping_events(
         stream_events(args, arrivals, model, tokenizer), arrivals, view, stdout_console())
     if args.save is not None:  # first: the trace is kept whatever stdout did

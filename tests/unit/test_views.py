@@ -9,6 +9,7 @@ from rich.console import Console
 from simulref.cli.views import (
     VIEWS,
     live_view,
+    uncommitted_tail,
     side_by_side_view,
     status_line,
     steps,
@@ -16,7 +17,7 @@ from simulref.cli.views import (
 )
 from simulref.plots import plot_quality_latency, plot_staircase, staircase_points
 from simulref.policy import WaitK, schedule
-from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Hypothesis, Read, SourceEnd, Write
 
 SOURCE = "The quick brown fox jumps".split()
 
@@ -238,3 +239,38 @@ def test_trace_view_shows_the_end_of_a_live_source():
               Finish("eos", 0.75)]
     text = render(trace_view(events, ["a"]))
     assert " 0.250   end      1   end of source        2" in text
+
+
+# LocalAgreement: the last hypothesis's words past the commits, dimmed after the cursor.
+AGREEMENT = [
+    Read(0, "The", (1,), 0.0),
+    Hypothesis(1, (5, 6), 0.1),
+    Read(1, "quick", (2,), 0.2),
+    Hypothesis(2, (5, 7, 8), 0.3),
+    Write(0, "Le", (5,), 0.4),
+]
+SPELL = {5: "Le", 6: " vite", 7: " rapide", 8: " renard"}.__getitem__
+
+
+def _spell(ids):
+    return "".join(map(SPELL, ids))
+
+
+def test_uncommitted_tail_is_the_last_hypothesis_past_the_writes():
+    assert uncommitted_tail(AGREEMENT[:2]) == (5, 6)
+    assert uncommitted_tail(AGREEMENT) == (7, 8)
+    assert uncommitted_tail(AGREEMENT + [Write(1, " rapide", (7,), 0.5),
+                                         Write(2, " renard", (8,), 0.6)]) == ()
+    assert uncommitted_tail(AGREEMENT + [Finish("eos", 0.7)]) == ()
+    assert uncommitted_tail(EXAMPLE) == ()  # no hypotheses: wait-k
+
+
+def test_live_view_dims_the_uncommitted_tail_after_the_cursor():
+    console = Console(record=True, width=80, color_system="standard", file=_Null())
+    console.print(live_view(AGREEMENT, SOURCE, detokenize=_spell))
+    text = console.export_text(styles=False, clear=False)
+    assert "target Le▌ rapide renard" in text
+    styled = console.export_text(styles=True)
+    assert "\x1b[2;32m rapide renard" in styled  # dim green, not bold
+    # Without a way to spell tokens the view is as before.
+    assert "rapide" not in render(live_view(AGREEMENT, SOURCE))
