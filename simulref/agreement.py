@@ -9,8 +9,10 @@ One cache, group positions, nothing re-encoded:
 - committed tokens keep their cache entries; the uncommitted tail is trimmed before the
   next chunk is read (source keys never see target keys, so reading after target tokens
   is the same cache as reading before them);
-- the last kept target token (the last committed one, or the header's) is fed again after
-  the read, so the first new token sees the new source, as the word-by-word loop does;
+- the last committed token is fed again after the read, so the first new token sees the
+  new source, as the word-by-word loop does; with nothing committed yet, the whole header
+  is (its entries are not the target's: they would otherwise stay computed under the
+  first hypothesis's budget, one word);
 - **fast path** (``engine="auto"``): that re-feed carries the previous hypothesis's
   uncommitted tail as a draft, in one forward; greedy argmax at each draft position says
   how far the model, given the new source, still predicts the old tokens (speculative
@@ -116,12 +118,17 @@ class AgreementRun(_Run):
         policy = self.policy
         self.engine.start(self.template.prefix_ids)
         while True:
-            rewound = None
+            rewound = None  # the target token fed again after the read (None: the header)
+            trimmed = False
             got = 0
             while not self.source_done and got < policy.chunk:
-                if rewound is None and self.engine.fed:
-                    rewound = self.engine.rewind(len(self.template.header_ids)
-                                                 + sum(map(len, self.committed)))
+                if not trimmed and self.engine.fed:
+                    trimmed = True
+                    if self.committed:
+                        rewound = self.engine.rewind(len(self.template.header_ids)
+                                                     + sum(map(len, self.committed)))
+                    else:  # nothing committed: the header goes in again, under the new
+                        self.engine.take_back_header()  # budget (as a look's does)
                 event = self._read()
                 if event is NEED_INPUT:
                     yield event
@@ -161,15 +168,14 @@ class AgreementRun(_Run):
     def _hypothesis(self, last: int | None) -> tuple[list[tuple[int, ...]], str]:
         """Generate from the committed target to the end (the new words after the
         committed ones, and why it stopped). ``last``: the target token fed again after
-        the read (None before the first hypothesis: the header goes in)."""
+        the read (None while nothing is committed: the header goes in)."""
         engine = self.engine
-        draft = self.tail if self.fast and last is not None else []
-        if last is None:
-            preds = [engine.predict(self._header_ids())]
-        elif draft:
-            preds = engine.predict_all([last, *draft])
+        draft = self.tail if self.fast else []
+        first = self._header_ids() if last is None else [last]
+        if draft:  # the greedy token after the last of ``first``, then after each draft one
+            preds = engine.predict_all([*first, *draft])[len(first) - 1:]
         else:
-            preds = [engine.predict([last])]
+            preds = [engine.predict(first)]
         accepted = 0  # draft tokens taken (their entries are in the cache)
         words: list[tuple[int, ...]] = []
         word: list[int] = []

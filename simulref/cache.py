@@ -97,6 +97,13 @@ class StreamState:
         if self.target_start is None:
             self.target_start = start
 
+    def forget_target_start(self) -> None:
+        """With ``target_start="auto"`` and no target slot left: the next target token
+        fed fixes the start again (a look before the first word takes its header back)."""
+        if self.n_target:
+            raise AssertionError("cache: the target group still holds slots")
+        self.target_start = self.fixed_target_start
+
     @property
     def length(self) -> int:
         return self.n_source + self.n_target

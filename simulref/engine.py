@@ -174,6 +174,14 @@ class _Engine:
     def _peeked_sample(self):
         return self.ahead.sample
 
+    def take_back_header(self) -> None:
+        """Undo the header that a look fed before the first word, when the policy then
+        reads: the header goes in again at the next look or write, under the budget of
+        that moment, as it would have without the look. (Kept, every header entry but the
+        last would stay computed under the budget of the first look, which need not be
+        more than one word: Qwen 0.5B then copies the English.)"""
+        raise NotImplementedError
+
     def _last_logits(self, batch):
         """The model on ``batch`` (rows x n); the last position's logits of every row."""
         if self.split is None:
@@ -292,6 +300,13 @@ class IncrementalEngine(_Engine):
                forecast=None) -> None:
         self.fed.append(token)
         self.ahead.advance(self._feed_targets, token, speculate)
+
+    def take_back_header(self) -> None:
+        self._trim(len(self.fed) + self.ahead.in_cache)
+        self.fed.clear()
+        self.ahead.clear()
+        self.stale = False
+        self.shared.forget_target_start()
 
     # -- model calls
 
@@ -580,6 +595,17 @@ class PrefilledEngine(_Engine):
                 self._trim_target(1)
             self.ahead.clear()
         self.reads_since_sample += 1
+
+    def take_back_header(self) -> None:
+        if self.pipelined:
+            raise AssertionError("decoder: a look on a pipelined engine")
+        self._trim_target(len(self.fed) + self.ahead.in_cache)
+        self.fed.clear()
+        self.ahead.clear()
+        self.alt = None
+        self.kept_row = None
+        self.reads_since_sample = 0
+        self.shared.forget_target_start()
 
     def peek(self, may_read: bool = True) -> int:
         if not self.fed:

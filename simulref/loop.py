@@ -401,9 +401,15 @@ class _Run:
 
         # The header goes in before the first look: where it does not fit, no look, and
         # the write below ends the run at the context limit.
-        can_look = bool(self.engine.fed) or self._fits(len(self.template.header_ids) - 1)
-        return decide(self.policy, self.read, self.written, False, self.source.length,
-                      look if can_look else None) is READ
+        header_in = bool(self.engine.fed)
+        can_look = header_in or self._fits(len(self.template.header_ids) - 1)
+        reads = decide(self.policy, self.read, self.written, False, self.source.length,
+                       look if can_look else None) is READ
+        if reads and not header_in and self.engine.fed:
+            # A look fed the header, and the policy reads: the look leaves nothing behind
+            # (the header goes in again under the budget of the first write).
+            self.engine.take_back_header()
+        return reads
 
     def _forecast(self, word_length: int, content: bool, reads_after_word: bool,
                   room: bool) -> Forecast:

@@ -23,9 +23,24 @@ POOL = ("The weather is nice today so we are going to walk in the park I want bu
         "car because my old one broken").split()
 
 
+# A random tiny model's hypotheses change with every word read (each sees a new budget
+# from the header on), so LocalAgreement-2 rarely commits before the end. With its
+# attention outputs scaled down, the source sways the model only a little: hypotheses
+# often agree, drafts are partly accepted, commits come mid-stream.
+LISTENING = 1.0
+QUIET = 0.02
+
+
 @cache
-def model_of(arch: str):
-    return tiny_model(arch, 0)
+def model_of(arch: str, attention: float = LISTENING):
+    import mlx.core as mx
+
+    model = tiny_model(arch, 0)
+    if attention != LISTENING:
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * attention
+        mx.eval(model.parameters())
+    return model
 
 
 def tok():
@@ -57,17 +72,18 @@ def committed_is_agreed(trace, n: int) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(arch=st.sampled_from(["llama", "qwen2"]),
+@given(arch=st.sampled_from(["llama", "qwen2"]), attention=st.sampled_from([LISTENING, QUIET]),
        words=st.lists(st.sampled_from(POOL), min_size=1, max_size=8),
        n=st.integers(1, 3), chunk=st.integers(1, 3),
        max_tokens_per_word=st.sampled_from([2, 4, 50]),
        max_new_words=st.none() | st.integers(0, 8))
-def test_the_draft_path_gives_the_twins_trace(arch, words, n, chunk, max_tokens_per_word,
-                                              max_new_words):
+def test_the_draft_path_gives_the_twins_trace(arch, attention, words, n, chunk,
+                                              max_tokens_per_word, max_new_words):
     policy = LocalAgreement(n, chunk)
     options = dict(max_tokens_per_word=max_tokens_per_word, max_new_words=max_new_words)
-    twin, twin_forwards = run(model_of(arch), words, policy, "incremental", **options)
-    fast, fast_forwards = run(model_of(arch), words, policy, "auto", **options)
+    model = model_of(arch, attention)
+    twin, twin_forwards = run(model, words, policy, "incremental", **options)
+    fast, fast_forwards = run(model, words, policy, "auto", **options)
     assert fast.settings.option("engine") == "draft"
     assert twin.settings.option("engine") == "incremental"
     assert untimed(fast).events == untimed(twin).events
@@ -133,8 +149,9 @@ from simulref.verify import check_policy  # noqa: E402
 
 
 def agreement_trace():
+    """Commits mid-stream: hypotheses after the first write."""
     words = "The weather is nice today so we walk".split()
-    trace = translate(model_of("llama"), tok(), words, policy=LocalAgreement(2),
+    trace = translate(model_of("llama", QUIET), tok(), words, policy=LocalAgreement(2),
                       max_tokens_per_word=4)
     assert trace.writes and check_policy(trace) == []
     return trace
@@ -186,3 +203,13 @@ def test_generated_tokens_count_every_hypothesis_token():
                          max_tokens_per_word=4)
     assert generated_tokens(twin) == forwards - len(twin.hypotheses)
     assert generated_tokens(twin) > sum(len(w.token_ids) for w in twin.writes)
+
+
+def test_the_draft_is_partly_accepted_when_the_source_sways_the_model_a_little():
+    words = "I want to buy a new car because my old one broken".split()
+    twin, twin_forwards = run(model_of("qwen2", QUIET), words, LocalAgreement(2), "incremental")
+    fast, fast_forwards = run(model_of("qwen2", QUIET), words, LocalAgreement(2), "auto")
+    assert untimed(fast).events == untimed(twin).events
+    assert fast_forwards < twin_forwards
+    first_write = next(i for i, e in enumerate(fast.events) if isinstance(e, Write))
+    assert any(isinstance(e, Hypothesis) for e in fast.events[first_write:])  # mid-stream

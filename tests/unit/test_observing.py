@@ -13,7 +13,7 @@ from traces import untimed
 
 from simulref.cache import TARGET
 from simulref.decoder import Feed, stream, translate
-from simulref.policy import LOOK, READ, WRITE, Candidate, Confidence
+from simulref.policy import LOOK, READ, WRITE, Candidate, Confidence, WaitK
 from simulref.prompt import DEFAULT_SYSTEM, template_for
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
 from simulref.trace import Look, Read, Trace, Write
@@ -159,6 +159,39 @@ class WriteFromKMin:
 
     def decide(self, read, written, source_done, source_length=None):
         return WRITE if source_done or read >= self.k_min else READ
+
+
+class LookingWaitK:
+    """Observing, but deciding as WaitK(k): it looks before every word and ignores what
+    it sees."""
+
+    observes = True
+
+    def __init__(self, k: int):
+        self.plain = WaitK(k)
+
+    def decide(self, read, written, source_done, source_length=None, candidate=None):
+        if candidate is None and not source_done:
+            return LOOK
+        return self.plain.decide(read, written, source_done, source_length)
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2"]),
+       words=st.lists(st.sampled_from(POOL), min_size=1, max_size=7),
+       k=st.integers(1, 5), engine=st.sampled_from(["incremental", "prefilled", "fused"]),
+       target_start=st.sampled_from(["auto", 48]))
+def test_a_look_changes_nothing(arch, words, k, engine, target_start):
+    """A policy that looks before every word but decides as wait-k gives wait-k's trace,
+    with every engine: in particular a look before the first word, followed by a read,
+    leaves no header behind computed under that early budget."""
+    source = iter(words) if engine == "fused" else words
+    options = dict(engine=engine, max_new_words=6, target_start=target_start)
+    looked = translate(model_of(arch), tok(), source, policy=LookingWaitK(k), **options)
+    source = iter(words) if engine == "fused" else words
+    plain = translate(model_of(arch), tok(), source, policy=WaitK(k), **options)
+    assert [e for e in untimed(looked).events if not isinstance(e, Look)] == \
+        list(untimed(plain).events)
 
 
 @settings(max_examples=8, deadline=None)
