@@ -70,8 +70,12 @@ def _openblas_env() -> dict[str, str]:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (ratios against baselines measured in the same run); writes
-    bench/results.json and bench/results.md (see docs/performance.md)."""
-    _install(session)
+    bench/results.json and bench/results.md (see docs/performance.md). The bench extra
+    brings torch (the side-by-side call against transformers) and MKL (a BLAS the bench
+    compares with OpenBLAS). Where pip would take torch's CUDA build, install the CPU one
+    into the session first: pip install torch==2.13.0 --index-url
+    https://download.pytorch.org/whl/cpu."""
+    _install(session, "test,bench")
     session.run("python", "-m", "simulref.blas", "pytest", "tests/bench", "--bench-out", "bench",
                 *session.posargs, env=_openblas_env())
 

@@ -1,11 +1,15 @@
-"""OpenBLAS for MLX's Linux CPU wheel: detect it, and re-exec a command with it preloaded.
+"""A fast BLAS for MLX's Linux CPU wheel (MKL or OpenBLAS): detect it, and re-exec a
+command with it preloaded.
 
 MLX's Linux CPU wheel links a reference BLAS (``mlx_cpu.libs/libblas-*.so``): correct,
-single-threaded and unblocked. Preloading Debian's OpenBLAS (``libopenblas0-pthread``)
-interposes its ``cblas_sgemm``/``sgemm_`` on MLX's float32 matmuls; measured on a 2-core
-x86_64 machine (docs/performance.md) that makes SmolLM2-135M prefill ~10-30x and decode
-~2x faster. It changes nothing on Metal or CUDA (no BLAS on the GPU path) nor for the
-quantized, float16 and bfloat16 CPU kernels (MLX's own code).
+single-threaded and unblocked. Preloading a real BLAS interposes its ``cblas_sgemm`` on
+MLX's float32 matmuls. Measured on a 2-core x86_64 machine (docs/performance.md):
+Debian's OpenBLAS (``libopenblas0-pthread``) makes SmolLM2-135M prefill ~10-30x and decode
+~2x faster than the reference BLAS; MKL (the ``mkl`` wheel, ``pip install mkl``, x86_64)
+makes the decode step about 2x faster again, because Debian 12's OpenBLAS 0.3.21 runs a
+one-row product (every decode step's matmuls) as a general GEMM. It changes nothing on
+Metal or CUDA (no BLAS on the GPU path) nor for the quantized, float16 and bfloat16 CPU
+kernels (MLX's own code).
 
 ``LD_PRELOAD`` only works when the process starts, so :func:`reexec_with_openblas` (called
 by the ``simulref`` command before anything imports MLX) replaces the process with the same
@@ -16,7 +20,10 @@ Environment:
 
 ``SIMULREF_OPENBLAS``
     ``0`` (or ``off``/``no``/``false``): never preload. Unset, empty, ``1``, ``auto``:
-    preload the Debian library when it is installed. A path: preload that library.
+    preload MKL when the ``mkl`` wheel is installed in this Python environment, else the
+    Debian OpenBLAS when it is installed. A path: preload that library.
+
+Threads: ``MKL_NUM_THREADS`` for MKL, ``OPENBLAS_NUM_THREADS`` for OpenBLAS.
 
 The decision is the pure function :func:`decide`; this module imports nothing heavy.
 
@@ -52,17 +59,33 @@ def _preload_entries(value: str) -> list[str]:
     return [e for e in value.replace(":", " ").split() if e]
 
 
+# MKL's single dynamic library as the ``mkl`` wheel installs it (``pip install mkl``,
+# x86_64 only), newest soname first. It exports the CBLAS symbols MLX's CPU backend calls.
+MKL_SONAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2")
+
+
+def python_mkl(prefix: str | None, exists: Callable[[str], bool]) -> str | None:
+    """MKL from the ``mkl`` wheel in the Python environment at ``prefix``, if installed."""
+    if not prefix:
+        return None
+    for name in MKL_SONAMES:
+        path = os.path.join(prefix, "lib", name)
+        if exists(path):
+            return path
+    return None
+
+
 def preloaded_openblas(environ: Mapping[str, str]) -> str | None:
-    """The ``LD_PRELOAD`` entry that is an OpenBLAS library, if any (by its path)."""
+    """The ``LD_PRELOAD`` entry that is a fast BLAS (OpenBLAS or MKL), if any (by path)."""
     for entry in _preload_entries(environ.get("LD_PRELOAD", "")):
-        if is_openblas(entry):
+        if is_fast_blas(entry):
             return entry
     return None
 
 
 # Measured on a 2-core x86_64 machine, float32 SmolLM2-135M (README, "BLAS on the CPU").
 SLOWDOWN = "float32 prefill ~10x and decode ~1.6x slower"
-INSTALL_HINT = "apt-get install libopenblas0-pthread"
+INSTALL_HINT = "apt-get install libopenblas0-pthread, or pip install mkl"
 
 
 @dataclass(frozen=True)
@@ -77,13 +100,20 @@ class Decision:
 
 
 def decide(*, system: str, machine: str, environ: Mapping[str, str],
-           exists: Callable[[str], bool], mlx_loaded: bool = False) -> Decision:
-    """Whether to (re)start with OpenBLAS preloaded, from facts only (no side effects).
+           exists: Callable[[str], bool], mlx_loaded: bool = False,
+           prefix: str | None = None) -> Decision:
+    """Whether to (re)start with a fast BLAS preloaded, from facts only (no side effects).
 
     ``system``: ``sys.platform``; ``machine``: ``platform.machine()``; ``environ``: the
     environment; ``exists``: whether a file exists; ``mlx_loaded``: whether MLX is already
     imported in this process (then a preload would come too late, and a re-exec would
-    restart whatever program imported it, so it is refused).
+    restart whatever program imported it, so it is refused); ``prefix``: the Python
+    environment (``sys.prefix``) where the ``mkl`` wheel may be installed.
+
+    Automatic choice: MKL from the ``mkl`` wheel when it is installed, else Debian's
+    OpenBLAS. MKL first because Debian 12's OpenBLAS (0.3.21) runs MLX's one-row matmuls
+    (every decode step) as a general GEMM: MKL's decode step is about twice as fast on
+    the same machine (docs/performance.md, "BLAS on the CPU").
     """
     setting = environ.get(ENV_SWITCH, "").strip()
     if setting.lower() in OFF_VALUES:
@@ -91,7 +121,8 @@ def decide(*, system: str, machine: str, environ: Mapping[str, str],
     if not system.startswith("linux"):
         return Decision(None, f"{system}: LD_PRELOAD applies to Linux only")
     auto = setting.lower() in AUTO_VALUES
-    library = debian_openblas(machine) if auto else setting
+    library = ((python_mkl(prefix, exists) or debian_openblas(machine)) if auto
+               else setting)
     if library is None:
         return Decision(None, f"no known OpenBLAS location for machine {machine!r}")
     # Already there (this is also what stops a re-exec from looping).
@@ -125,7 +156,8 @@ def preload_env(environ: Mapping[str, str], library: str) -> dict[str, str]:
 def current_decision() -> Decision:
     """:func:`decide` for this process."""
     return decide(system=sys.platform, machine=platform.machine(), environ=os.environ,
-                  exists=os.path.isfile, mlx_loaded="mlx.core" in sys.modules)
+                  exists=os.path.isfile, mlx_loaded="mlx.core" in sys.modules,
+                  prefix=sys.prefix)
 
 
 def mapped_paths(maps: str) -> list[str]:
@@ -146,6 +178,15 @@ def is_openblas(path: str) -> bool:
     return "openblas" in lowered and "scipy_openblas" not in lowered
 
 
+def is_mkl(path: str) -> bool:
+    """Whether a library path is MKL's single dynamic library (``libmkl_rt``)."""
+    return os.path.basename(path).startswith("libmkl_rt.")
+
+
+def is_fast_blas(path: str) -> bool:
+    return is_openblas(path) or is_mkl(path)
+
+
 def openblas_status() -> dict:
     """What this process runs with: ``{"preloaded": LD_PRELOAD entry or None, "mapped":
     [OpenBLAS paths mapped], "active": bool, "threads": OPENBLAS_NUM_THREADS or None}``.
@@ -158,9 +199,12 @@ def openblas_status() -> dict:
     except OSError:
         mapped = []
     real = {os.path.realpath(p) for p in mapped}
-    return {"preloaded": preloaded, "mapped": [p for p in mapped if is_openblas(p)],
+    return {"preloaded": preloaded, "mapped": [p for p in mapped if is_fast_blas(p)],
             "active": bool(preloaded) and os.path.realpath(preloaded) in real,
-            "threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+            "kind": None if preloaded is None else ("mkl" if is_mkl(preloaded)
+                                                    else "openblas"),
+            "threads": os.environ.get("MKL_NUM_THREADS" if preloaded and is_mkl(preloaded)
+                                      else "OPENBLAS_NUM_THREADS")}
 
 
 def _restart_argv() -> list[str] | None:

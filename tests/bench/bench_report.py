@@ -190,10 +190,52 @@ def _batch(results: list[dict]) -> list[str]:
     return out
 
 
+def _step_vs_torch(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        m = r["metrics"]
+        out += ["", f"## A model call against PyTorch ({r.get('model')}, float32, fresh "
+                    "process per side)", ""]
+        if not m.get("applicable"):
+            out.append(f"Not applicable here: {m['reason']}")
+            continue
+        out += [f"Prompt of {m['prompt_tokens']} tokens; ms per call, medians of two runs "
+                "in mirrored order; x: over torch's (below 1: faster than torch).", ""]
+        rows = []
+        for threads, entry in m["threads"].items():
+            torch = entry["torch"]
+            rows.append([threads, "torch (transformers)", fmt(torch["step_ms"], 1), "-",
+                         fmt(torch["prefill_ms"], 0), "1", "1"])
+            for side, f in entry.items():
+                if side == "torch":
+                    continue
+                rows.append([threads, side, fmt(f["step_ms"], 1), fmt(f["engine_step_ms"], 1),
+                             fmt(f["prefill_ms"], 0), fmt(f["step_vs_torch"]),
+                             fmt(f["prefill_vs_torch"])])
+        out += table(["threads", "side", "decode step ms (mlx-lm)", "engine step ms",
+                      "prefill ms", "step x", "prefill x"], rows)
+        out += ["", "Parts of a decode step (ms):", ""]
+        parts = []
+        for threads, entry in m["threads"].items():
+            for side, f in entry.items():
+                p = f["parts"]
+                if side == "torch":
+                    parts.append([threads, side, fmt(p["matmuls_ms"], 1), "-",
+                                  fmt(p["attention_ms"], 1), fmt(p["other_ops_ms"], 1), "-"])
+                else:
+                    parts.append([threads, side, fmt(p["body_linears_ms"], 1),
+                                  fmt(p["head_ms"], 1), "-", fmt(p["rest_ms"], 1),
+                                  fmt(p["graph_build_ms"], 1)])
+        out += table(["threads", "side", "matmuls (body)", "head", "attention",
+                      "rest / other ops", "graph building"], parts)
+    return out
+
+
 def markdown(doc: dict) -> str:
     lines = ["# simulref benchmarks", "", *_machine(doc)]
     lines += _decode(_by(doc, "decode"))
     lines += _batch(_by(doc, "batch"))
     lines += _scaling(_by(doc, "scaling"))
     lines += _blas(_by(doc, "blas"))
+    lines += _step_vs_torch(_by(doc, "step_vs_torch"))
     return "\n".join(lines) + "\n"

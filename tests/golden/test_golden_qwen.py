@@ -1,6 +1,7 @@
 """Golden read/write traces of the default preset, qwen2.5-coder-0.5b (greedy, float32).
 
-A few group-layout cases only, and one sentence per observing policy: this model costs about four times smollm2-135m per token.
+A few group-layout cases only, and one sentence per observing policy: this model costs
+about four times smollm2-135m per token.
 Update on purpose with ``pytest tests/golden --snapshot-update`` (see docs/golden.md).
 """
 

@@ -37,9 +37,47 @@ def environ_of(switch, preload) -> dict[str, str]:
 
 
 def decide(system="linux", machine="x86_64", environ=None, exists=lambda p: True,
-           mlx_loaded=False):
+           mlx_loaded=False, prefix=None):
     return blas.decide(system=system, machine=machine, environ=environ or {}, exists=exists,
-                       mlx_loaded=mlx_loaded)
+                       mlx_loaded=mlx_loaded, prefix=prefix)
+
+
+# ---------------------------------------------------------------- MKL from the mkl wheel
+
+VENV_MKL = "/venv/lib/libmkl_rt.so.3"
+
+
+def test_the_mkl_wheel_comes_before_debian_openblas():
+    d = decide(prefix="/venv", exists=lambda p: p in (VENV_MKL, DEBIAN_X86))
+    assert d.library == VENV_MKL and d.warning is None
+
+
+def test_an_older_mkl_soname():
+    d = decide(prefix="/venv", exists=lambda p: p == "/venv/lib/libmkl_rt.so.2")
+    assert d.library == "/venv/lib/libmkl_rt.so.2"
+
+
+def test_without_the_mkl_wheel_debian_openblas():
+    assert decide(prefix="/venv", exists=lambda p: p == DEBIAN_X86).library == DEBIAN_X86
+
+
+def test_an_explicit_path_or_off_wins_over_mkl():
+    assert decide(prefix="/venv", environ={blas.ENV_SWITCH: "/x/libopenblas.so"}).library == \
+        "/x/libopenblas.so"
+    assert decide(prefix="/venv", environ={blas.ENV_SWITCH: "0"}).library is None
+
+
+def test_mkl_already_preloaded_is_not_preloaded_again():
+    d = decide(prefix="/venv", environ={"LD_PRELOAD": "/other/lib/libmkl_rt.so.2"})
+    assert d.library is None and "already preloaded" in d.reason
+    assert blas.preloaded_openblas({"LD_PRELOAD": VENV_MKL}) == VENV_MKL
+
+
+def test_which_paths_are_a_fast_blas():
+    assert blas.is_mkl(VENV_MKL) and blas.is_fast_blas(VENV_MKL)
+    assert not blas.is_mkl("/venv/lib/libmkl_core.so.2")  # needs libmkl_rt to be usable
+    assert blas.is_fast_blas(DEBIAN_X86.replace("libblas", "libopenblas"))
+    assert not blas.is_fast_blas("/lib/libm.so.6")
 
 
 # ---------------------------------------------------------------- the decision
@@ -172,7 +210,8 @@ def test_mapped_paths_from_proc_maps():
 
 def test_openblas_status_of_this_process():
     status = blas.openblas_status()
-    assert set(status) == {"preloaded", "mapped", "active", "threads"}
+    assert set(status) == {"preloaded", "mapped", "active", "kind", "threads"}
+    assert status["kind"] in (None, "mkl", "openblas")
     assert status["preloaded"] == blas.preloaded_openblas(os.environ)
     assert status["active"] is bool(status["active"])
     if status["active"]:

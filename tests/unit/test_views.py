@@ -9,11 +9,11 @@ from rich.console import Console
 from simulref.cli.views import (
     VIEWS,
     live_view,
-    uncommitted_tail,
     side_by_side_view,
     status_line,
     steps,
     trace_view,
+    uncommitted_tail,
 )
 from simulref.plots import plot_quality_latency, plot_staircase, staircase_points
 from simulref.policy import WaitK, schedule
