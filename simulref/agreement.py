@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 from .cache import TARGET
 from .engine import Forward, IncrementalEngine
+from .limits import guard_words
 from .loop import CONTEXT_LIMIT, EMPTY_SOURCE, NEED_INPUT, _Run
 from .trace import Finish, Hypothesis, Read
 
@@ -112,7 +113,7 @@ class AgreementRun(_Run):
     def _limit(self) -> int:
         if self.max_new_words is not None:
             return self.max_new_words
-        return 2 * self.read + 10  # the decoder's runaway guard, per hypothesis
+        return guard_words(self.read)  # the decoder's runaway guard, per hypothesis
 
     def events(self):
         policy = self.policy

@@ -34,6 +34,7 @@ from .engine import (
     READ_FIRST,
     Forecast,
 )
+from .limits import guard_words
 from .policy import READ, Candidate, decide
 from .trace import BlankRun, DroppedEos, Finish, Look, Read, SourceEnd, Write
 
@@ -382,8 +383,18 @@ class _Run:
         """Whether the policy reads once the word being written is written. An observing
         policy that must look first cannot say yet: the bet is on writing (a wrong bet
         costs a dropped step, never a different trace)."""
+        if not self.source_done and self._too_far_ahead(self.written + 1):
+            return True
         return decide(self.policy, self.read, self.written + 1, self.source_done,
                       self.source.length) is READ
+
+    def _too_far_ahead(self, written: int) -> bool:
+        """The runaway guard before the source ends: ``written`` words are as many as the
+        guard allows for the words read so far (``limits.guard_words``), so the next one
+        waits for a read, whatever the policy says. Count-only policies never get there
+        (wait-k writes at most one word per word read); an observing one can, on a model
+        that loops confidently ("Voici la traduction en français :" again and again)."""
+        return written >= guard_words(self.read)
 
     def _policy_reads(self, looks: list) -> bool:
         """Ask the policy before the next word (the source not done). An observing policy
@@ -440,7 +451,7 @@ class _Run:
         if self.max_new_words is not None:
             return self.max_new_words
         if self.source_done:
-            return 2 * self.read + 10  # a runaway guard; see docs/decoder.md
+            return guard_words(self.read)  # a runaway guard; see docs/decoder.md
         return None
 
     def events(self) -> Iterator:
@@ -456,6 +467,7 @@ class _Run:
             # translate yet (and an EOS could not be attributed to a word).
             looks: list = []
             reads = not self.source_done and (force_read or self.read == 0
+                                              or self._too_far_ahead(self.written)
                                               or self._policy_reads(looks))
             yield from looks
             if reads:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import check_int, is_int
+from .limits import guard_words
 from .trace import (
     BlankRun,
     DroppedEos,
@@ -484,7 +485,7 @@ def _source_ended_flags(trace: Trace) -> list[bool]:
 
 
 def _check_confidence(trace: Trace, policy) -> list[Violation]:
-    out, rule, read = [], "policy.confidence", 0
+    out, rule, read, written = [], "policy.confidence", 0, 0
     ended = _source_ended_flags(trace)
     events = trace.events
     for j, e in enumerate(events):
@@ -507,7 +508,10 @@ def _check_confidence(trace: Trace, policy) -> list[Violation]:
                                      expected=list(before.token_ids[:1]),
                                      actual=list(e.token_ids[:1])))
         elif isinstance(e, (Read, SourceEnd)):
-            forced = isinstance(before, (DroppedEos, BlankRun))
+            # Forced: after a dropped EOS or a blank run, or by the runaway guard (as many
+            # words written as the guard allows for the words read).
+            forced = (isinstance(before, (DroppedEos, BlankRun))
+                      or written >= guard_words(read))
             if read >= policy.k_min and not forced and not ended[j]:
                 if not isinstance(before, Look) or policy.confident(before.probs[0]):
                     out.append(Violation(rule, "past k_min, a word is read only after a "
@@ -516,6 +520,8 @@ def _check_confidence(trace: Trace, policy) -> list[Violation]:
                                          actual=describe_event(before)))
         if isinstance(e, Read):
             read += 1
+        elif isinstance(e, Write):
+            written += 1
     return out
 
 

@@ -25,6 +25,8 @@ def expected_files() -> set[str]:
         *(f"test_golden_smollm2/test_smollm2_policy_trace[{c}].json"
           for c in smollm2.POLICY_CASES),
         *(f"test_golden_qwen/test_qwen_coder_trace[{c}].json" for c in qwen.CASES),
+        *(f"test_golden_qwen/test_qwen_coder_policy_trace[{c}].json"
+          for c in qwen.POLICY_CASES),
     }
 
 

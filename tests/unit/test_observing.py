@@ -335,3 +335,25 @@ def test_a_looks_probability_is_that_of_the_forward_that_predicted_it(arch, word
             last = [p for p in forwards[-2:] if int(mx.argmax(p).item()) == token]
             assert last, "no recent forward predicted the looked-at token"
             assert any(abs(p[token].item() - prob) < 1e-5 for p in last)
+
+
+def test_a_confident_loop_before_the_source_ends_is_stopped_by_the_guard():
+    """A model that says " a" forever, with certainty: Confidence writes without reading
+    until the guard (2 r + 10 words for r read) makes it read; then the source ends and
+    the usual guard ends the run. verify accepts the forced reads."""
+    from simulref.limits import guard_words
+    from simulref.verify import check_policy
+
+    tokenizer = tok()
+    (a,) = tokenizer.encode(" a", add_special_tokens=False)
+    model = successor_model(len(tokenizer), {}, default=a)
+    words = "The weather is nice".split()
+    for engine in ("incremental", "prefilled"):
+        trace = translate(model, tokenizer, words, policy=Confidence(0.5), engine=engine)
+        n = len(words)
+        expected = [1] * guard_words(1) + [
+            r for r in range(2, n + 1) for _ in range(guard_words(r) - guard_words(r - 1))]
+        expected += [n] * (guard_words(n) - len(expected))
+        assert list(trace.delays) == expected, engine
+        assert trace.finish_reason == "max_new_words"
+        assert check_policy(trace) == [] and check_trace(trace) == []
