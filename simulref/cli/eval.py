@@ -277,7 +277,9 @@ class PlainProgress:
 def _run_label(spec) -> str:
     if spec is None:  # a batch over every run
         return "all runs"
-    return "offline" if spec.offline else f"{spec.layout} k={spec.k}"
+    if spec.offline:
+        return "offline"
+    return f"{spec.layout} k={spec.k}" if spec.k is not None else f"{spec.layout} {spec.policy}"
 
 
 def _run_with_progress(job) -> list[dict]:

@@ -702,3 +702,12 @@ def test_stdin_from_a_file_is_a_known_source_checked_up_front(gguf, loaded, tmp_
                                  env={**_env(), "SIMULREF_OPENBLAS": "0"}, timeout=120)
     assert process.returncode == 0
     assert process.stdout.decode() == " ".join(reference(loaded).target_words) + "\n"
+
+
+def test_plain_progress_names_a_policy_run_by_its_policy():
+    from simulref.evaluate import RunSpec
+
+    lines = []
+    progress = PlainProgress(lines.append, clock=lambda: 0.0, interval=5.0)
+    progress(RunSpec("group", None, policy="confidence:0.5"), 0, 10)
+    assert lines == ["simulref eval: group confidence:0.5: 0/10 sentences"]
