@@ -36,8 +36,11 @@ def spread(s: dict, digits: int = 2) -> str:
 def _machine(doc: dict) -> list[str]:
     m = doc["machine"]
     ob = m.get("openblas") or {}
-    blas = ("OpenBLAS preloaded (" + (ob.get("preloaded") or "?") + ", "
-            + (f"OPENBLAS_NUM_THREADS={ob['threads']}" if ob.get("threads")
+    kind = ob.get("kind") or "openblas"
+    name, threads = (("MKL", "MKL_NUM_THREADS") if kind == "mkl"
+                     else ("OpenBLAS", "OPENBLAS_NUM_THREADS"))
+    blas = (f"{name} preloaded (" + (ob.get("preloaded") or "?") + ", "
+            + (f"{threads}={ob['threads']}" if ob.get("threads")
                else "default threads") + ")") if ob.get("active") else "wheel's BLAS"
     load = " -> ".join(fmt(x) if x is not None else "-" for x in (
         (m.get("load_average_start") or [None])[0], (m.get("load_average_end") or [None])[0]))
