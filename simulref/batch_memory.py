@@ -74,9 +74,11 @@ def default_batch_size() -> tuple[int, str]:
         return GPU_BATCH, "GPU"
     from .blas import openblas_status
 
-    if openblas_status()["mapped"]:
-        return CPU_BATCH, "CPU with OpenBLAS"
-    return 1, "CPU without OpenBLAS: batching buys nothing (apt-get install libopenblas0-pthread)"
+    status = openblas_status()
+    if status["mapped"]:
+        return CPU_BATCH, f"CPU with {'MKL' if status['kind'] == 'mkl' else 'OpenBLAS'}"
+    return 1, ("CPU without OpenBLAS or MKL: batching buys nothing (apt-get install "
+               "libopenblas0-pthread, or pip install mkl)")
 
 
 def choose_batch_size(model, longest_prompt: int, *, wanted: int | None = None,

@@ -769,7 +769,8 @@ def run_trace(out: Path, spec: RunSpec, index: int):
 def quality_latency_curves(summaries: Sequence[Mapping], latency: str = "AL"):
     """({curve: [(latency, BLEU, label), ...]}, offline (latency, BLEU) or None). A curve
     per layout for wait-k (label: k) and per layout and family for the other policies
-    ("group confidence"; label: the parameter, e.g. "0.6")."""
+    ("group confidence"; label: the parameter, e.g. "0.6"); beside those, wait-k's curve
+    is "group wait-k", alone just "group"."""
     curves: dict[str, list[tuple[float, float, int | str]]] = {}
     offline = None
     for s in summaries:
@@ -782,6 +783,9 @@ def quality_latency_curves(summaries: Sequence[Mapping], latency: str = "AL"):
         else:
             family, _, parameter = policy.partition(":")
             curves.setdefault(f"{s['layout']} {family}", []).append((*point, parameter))
+    if any(" " in name for name in curves):  # other families beside wait-k: name it too
+        curves = {(f"{name} wait-k" if " " not in name else name): points
+                  for name, points in curves.items()}
     return curves, offline
 
 

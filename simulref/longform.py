@@ -16,7 +16,8 @@ and one assistant turn that holds the whole target (target group), in one cache.
 - **Sentences**: :class:`~simulref.segment.SentenceSplitter` as words arrive, plus a cut
   after ``max_sentence_words`` words (an unpunctuated feed must not grow one sentence
   without bound).
-- **Policy across sentences**: the configured policy (wait-k) runs *per sentence*: it is
+- **Policy across sentences**: the configured policy (wait-k, or Confidence, which looks
+  at the model as in short-form; LocalAgreement is refused) runs *per sentence*: it is
   asked with the words read of the current sentence and the words written since that
   sentence's first word was read. Once the next sentence's first word has arrived (the
   boundary is settled), the current sentence is complete for the policy (``source_done``):
@@ -35,7 +36,8 @@ and one assistant turn that holds the whole target (target group), in one cache.
 
 # What this module relies on in the decoder and engines (no hook was added; a change
 # there must keep these, or give a hook): ``decoder._make_run`` and, on the _Run it
-# returns, ``policy`` (replaced by _SentencePolicy), ``source_tokens`` (lowered by an
+# returns, ``policy`` (replaced by _SentencePolicy, whose ``guards_words_ahead`` turns
+# the loop's stream-wide runaway guard off: it guards per sentence), ``source_tokens`` (lowered by an
 # eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
 # (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches`` and
 # ``shared``; and that between two events, just after a Read, the engine holds no
@@ -52,7 +54,7 @@ from .decoder import NEED_INPUT, Feed, _make_run
 from .engine import FusedEngine, IncrementalEngine
 from .evict import METHODS, Evictor
 from .limits import guard_words
-from .policy import READ
+from .policy import READ, is_agreement
 from .segment import SentenceSplitter
 from .trace import DroppedEos, Finish, Read, Write
 
@@ -110,25 +112,31 @@ class _Pair:
 
 
 class _SentencePolicy:
-    """The configured policy asked per sentence (see the module docstring)."""
+    """The configured policy asked per sentence (see the module docstring). An observing
+    policy (Confidence) is asked the same way, and its look's candidate passed on."""
+
+    # The loop's runaway guard counts the whole stream; per sentence, it is here.
+    guards_words_ahead = True
 
     def __init__(self, base, session: Longform):
         self.base = base
         self.session = session
         self.name = getattr(base, "name", type(base).__name__)
+        self.observes = getattr(base, "observes", False)
 
     def decide(self, read: int, written: int, source_done: bool,
-               source_length: int | None = None):
+               source_length: int | None = None, candidate=None):
         session = self.session
+        look = {} if candidate is None else {"candidate": candidate}
         if source_done or not session.pairs:
-            return self.base.decide(read, written, source_done, source_length)
+            return self.base.decide(read, written, source_done, source_length, **look)
         pair = session.pairs[-1]  # the sentence of the last word read
         r = read - pair.source_start
         w = written - pair.written_before
         closed = session.next_sentence_arrived
-        if closed and w >= guard_words(r):
+        if w >= guard_words(r):  # the runaway guard, per sentence: read on
             return READ
-        return self.base.decide(r, w, closed, r if closed else None)
+        return self.base.decide(r, w, closed, r if closed else None, **look)
 
 
 class Longform:
@@ -169,6 +177,10 @@ class Longform:
         if config.engine not in ("auto", "fused", "incremental"):
             raise ValueError(f"engine: long-form decoding runs 'auto', 'fused' or "
                              f"'incremental', got {config.engine!r}")
+        if is_agreement(config.the_policy()):
+            raise ValueError("policy: LocalAgreement does not run long-form (its "
+                             "re-translations span one sentence's source); use wait-k or "
+                             "Confidence")
         if config.max_new_words is not None or config.stop_at_first_eos:
             raise ValueError("max_new_words, stop_at_first_eos: not for a long-form run "
                              "(the stream decides when it ends)")

@@ -35,7 +35,7 @@ from .engine import (
     Forecast,
 )
 from .limits import guard_words
-from .policy import READ, Candidate, decide
+from .policy import READ, WRITE, Candidate, decide
 from .trace import BlankRun, DroppedEos, Finish, Look, Read, SourceEnd, Write
 
 EMPTY_SOURCE = "empty_source"  # Finish reason of a source with no words (nothing is written)
@@ -394,7 +394,17 @@ class _Run:
         waits for a read, whatever the policy says. Count-only policies never get there
         (wait-k writes at most one word per word read); an observing one can, on a model
         that loops confidently ("Voici la traduction en français :" again and again)."""
+        if getattr(self.policy, "guards_words_ahead", False):
+            return False  # the policy applies the guard in its own counts (long-form)
         return written >= guard_words(self.read)
+
+    def _look_stands(self) -> bool:
+        """After a read decided on a look waited for its word: whether it still reads. The
+        policy is asked without a look; one that would look again keeps its decision (the
+        candidate has not changed), one that answers outright (a long-form sentence just
+        closed: write its tail) is followed."""
+        return decide(self.policy, self.read, self.written, False,
+                      self.source.length) is not WRITE
 
     def _policy_reads(self, looks: list) -> bool:
         """Ask the policy before the next word (the source not done). An observing policy
@@ -458,6 +468,7 @@ class _Run:
         # The prefix first: it is computed while a streamed source is still silent.
         self.engine.start(self.template.prefix_ids)
         force_read = False
+        looked_read = False  # a read decided on a look, waiting for its word
         while True:
             limit = self._words_limit()
             if limit is not None and self.written >= limit:
@@ -468,22 +479,25 @@ class _Run:
             looks: list = []
             reads = not self.source_done and (force_read or self.read == 0
                                               or self._too_far_ahead(self.written)
-                                              or self._policy_reads(looks))
+                                              or (self._look_stands() if looked_read
+                                                  else self._policy_reads(looks)))
+            looked_read = looked_read and reads
             yield from looks
             if reads:
                 event = self._read()
                 if event is NEED_INPUT:
-                    # The caller pushes a word. A decision made on a look stands (an
-                    # observing policy is not asked, nor its look recorded, twice); any
-                    # other is asked again, since the word pushed can change what the
-                    # source says (a long-form sentence closes when the next one starts).
-                    force_read = force_read or bool(looks)
+                    # The caller pushes a word, and the policy is asked again: the word
+                    # pushed can change what the source says (a long-form sentence
+                    # closes when the next one starts). A read decided on a look stands
+                    # unless the policy now answers without looking (_look_stands), so
+                    # no look is recorded twice.
+                    looked_read = looked_read or bool(looks)
                     yield event
                     continue
                 if event is CONTEXT_LIMIT:
                     yield Finish(CONTEXT_LIMIT, time.monotonic())
                     return
-                force_read = False
+                force_read = looked_read = False
                 if event is not None:
                     yield event
                 elif self.read == 0:

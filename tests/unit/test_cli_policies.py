@@ -98,10 +98,12 @@ def test_curves_join_each_policy_family():
         summary("c9", None, "confidence:0.9", 5.0, 25.0),
         summary("la", None, "local-agreement:2", 4.0, 24.0),
         summary("offline", None, "read-all", 9.0, 30.0)])
-    assert curves == {"group": [(1.0, 10.0, 1), (3.0, 20.0, 3)],
+    assert curves == {"group wait-k": [(1.0, 10.0, 1), (3.0, 20.0, 3)],
                       "group confidence": [(2.0, 15.0, "0.5"), (5.0, 25.0, "0.9")],
                       "group local-agreement": [(4.0, 24.0, "2")]}
     assert offline == (9.0, 30.0)
+    alone, _ = evaluate.quality_latency_curves([summary("group-k1", 1, "wait-1", 1.0, 10.0)])
+    assert list(alone) == ["group"]
 
 
 # --- runs ----------------------------------------------------------------------------
