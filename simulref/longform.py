@@ -37,8 +37,8 @@ and one assistant turn that holds the whole target (target group), in one cache.
 # What this module relies on in the decoder and engines (no hook was added; a change
 # there must keep these, or give a hook): ``decoder._make_run`` and, on the _Run it
 # returns, ``policy`` (replaced by _SentencePolicy, whose ``guards_words_ahead`` turns
-# the loop's stream-wide runaway guard off: it guards per sentence), ``source_tokens`` (lowered by an
-# eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
+# the loop's stream-wide runaway guard off: it guards per sentence), ``source_tokens``
+# (lowered by an eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
 # (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches`` and
 # ``shared``; and that between two events, just after a Read, the engine holds no
 # pending token (the last fed token is out of the cache, to be fed again).

@@ -234,6 +234,39 @@ def _step_vs_torch(results: list[dict]) -> list[str]:
     return out
 
 
+def _policies(agreement: list[dict], confidence: list[dict]) -> list[str]:
+    out = []
+    if agreement:
+        out += ["", "## LocalAgreement-2: the draft path against its token-by-token twin", "",
+                "Sources of 20-40 words (dev messages joined); wall time A B B A per source."
+                "", ""]
+        rows = []
+        for r in agreement:
+            m = r["metrics"]["summary"]
+            rows.append([r["model"], f"{m['same_traces']}/{m['sentences']}",
+                         fmt(m["fast_calls_per_committed_token"]),
+                         fmt(m["twin_calls_per_committed_token"]), fmt(m["speedup"])])
+        out += table(["model", "same traces", "calls / committed token (draft)",
+                      "(twin)", "wall x"], rows)
+    if confidence:
+        out += ["", "## Confidence: what a look costs in forwards", "",
+                "Target forwards per target token written: Confidence 0.5, a count-only "
+                "policy replaying its schedule, and wait-3.", ""]
+        rows = []
+        for r in confidence:
+            m = r["metrics"]
+            p = m["policies"]
+            if "replay" not in p:
+                continue
+            rows.append([r["model"], m["sentences"], fmt(p["confidence:0.5"]["calls_per_token"], 3),
+                         fmt(p["replay"]["calls_per_token"], 3), fmt(m["ratio"], 3),
+                         f"{m['same_schedule']}/{m['sentences']}", m["header_looks"],
+                         fmt(p["wait-3"]["calls_per_token"], 3)])
+        out += table(["model", "sources", "confidence", "replayed", "x", "same schedule",
+                      "looks before the first word", "wait-3"], rows)
+    return out
+
+
 def markdown(doc: dict) -> str:
     lines = ["# simulref benchmarks", "", *_machine(doc)]
     lines += _decode(_by(doc, "decode"))
@@ -241,4 +274,5 @@ def markdown(doc: dict) -> str:
     lines += _scaling(_by(doc, "scaling"))
     lines += _blas(_by(doc, "blas"))
     lines += _step_vs_torch(_by(doc, "step_vs_torch"))
+    lines += _policies(_by(doc, "local_agreement"), _by(doc, "confidence_forwards"))
     return "\n".join(lines) + "\n"
