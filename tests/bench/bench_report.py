@@ -267,6 +267,40 @@ def _policies(agreement: list[dict], confidence: list[dict]) -> list[str]:
     return out
 
 
+def _longform(flat: list[dict], latency: list[dict], bleu: list[dict]) -> list[str]:
+    out = []
+    for r in flat:
+        m = r["metrics"]
+        out += ["", f"## A {m['sentences']}-sentence stream (tiny model, context budget "
+                    f"{m['context_budget']})", "", "Last 10% of the stream over the first 10%:", ""]
+        out += table(["peak KV slots", "cache columns", "MLX active memory", "max position",
+                      "time per word"],
+                     [[fmt(m["peak_slots_last_over_first"], 3),
+                       fmt(m["peak_cache_columns_last_over_first"], 3),
+                       fmt(m["peak_active_bytes_last_over_first"], 3),
+                       fmt(m["peak_position_last_over_first"], 3),
+                       fmt(m["time_per_word_last_over_first"], 3)]])
+    if latency:
+        out += ["", "## Read-to-write latency along a document (a live stream, k = 3)", ""]
+        out += table(["model", "sentences", "median first 20 s", "median last 20 s", "x",
+                      "peak context", "budget", "sentences without a write"],
+                     [[r["model"], r["metrics"]["sentences"],
+                       fmt(r["metrics"]["median_first_s"], 3),
+                       fmt(r["metrics"]["median_last_s"], 3),
+                       fmt(r["metrics"]["ratio_last_over_first"], 3),
+                       r["metrics"]["peak_context"], r["metrics"]["context_budget"],
+                       len(r["metrics"].get("sentences_without_a_write", []))]
+                      for r in latency])
+    if bleu:
+        out += ["", "## Long-form against short-form BLEU (k = 3, the same sentences)", ""]
+        out += table(["model", "sentences", "document size", "short-form", "long-form",
+                      "difference"],
+                     [[r["model"], r["metrics"]["sentences"], r["metrics"]["doc_size"],
+                       fmt(r["metrics"]["short_bleu"]), fmt(r["metrics"]["long_bleu"]),
+                       fmt(r["metrics"]["difference"])] for r in bleu])
+    return out
+
+
 def markdown(doc: dict) -> str:
     lines = ["# simulref benchmarks", "", *_machine(doc)]
     lines += _decode(_by(doc, "decode"))
@@ -275,4 +309,6 @@ def markdown(doc: dict) -> str:
     lines += _blas(_by(doc, "blas"))
     lines += _step_vs_torch(_by(doc, "step_vs_torch"))
     lines += _policies(_by(doc, "local_agreement"), _by(doc, "confidence_forwards"))
+    lines += _longform(_by(doc, "longform_flat"), _by(doc, "longform_latency"),
+                       _by(doc, "longform_bleu"))
     return "\n".join(lines) + "\n"
