@@ -139,6 +139,24 @@ class _SentencePolicy:
         return self.base.decide(r, w, closed, r if closed else None, **look)
 
 
+def check_config(config: DecodeConfig) -> None:
+    """The decode options a long-form run refuses (ValueError naming the option); pure,
+    so the command line asks before the model loads."""
+    if config.layout != "group":
+        raise ValueError(f"layout: long-form decoding needs the 'group' layout, got "
+                         f"{config.layout!r}")
+    if config.engine not in ("auto", "fused", "incremental"):
+        raise ValueError(f"engine: long-form decoding runs 'auto', 'fused' or "
+                         f"'incremental', got {config.engine!r}")
+    if is_agreement(config.the_policy()):
+        raise ValueError("policy: LocalAgreement does not run long-form (its "
+                         "re-translations span one sentence's source); use wait-k or "
+                         "Confidence")
+    if config.max_new_words is not None or config.stop_at_first_eos:
+        raise ValueError("max_new_words, stop_at_first_eos: not for a long-form run "
+                         "(the stream decides when it ends)")
+
+
 class Longform:
     """One long-form run over ``words`` (a str, a sequence or any iterable of words,
     pulled one at a time as the decoder asks). :meth:`events` yields the events.
@@ -171,19 +189,7 @@ class Longform:
         _check_positive("max_sentence_words", max_sentence_words)
         if eviction not in METHODS:
             raise ValueError(f"eviction: expected one of {METHODS}, got {eviction!r}")
-        if config.layout != "group":
-            raise ValueError(f"layout: long-form decoding needs the 'group' layout, got "
-                             f"{config.layout!r}")
-        if config.engine not in ("auto", "fused", "incremental"):
-            raise ValueError(f"engine: long-form decoding runs 'auto', 'fused' or "
-                             f"'incremental', got {config.engine!r}")
-        if is_agreement(config.the_policy()):
-            raise ValueError("policy: LocalAgreement does not run long-form (its "
-                             "re-translations span one sentence's source); use wait-k or "
-                             "Confidence")
-        if config.max_new_words is not None or config.stop_at_first_eos:
-            raise ValueError("max_new_words, stop_at_first_eos: not for a long-form run "
-                             "(the stream decides when it ends)")
+        check_config(config)
         if isinstance(words, str):
             words = words.split()
         elif isinstance(words, bytes) or not isinstance(words, Iterable):

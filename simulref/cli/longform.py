@@ -25,6 +25,19 @@ from simulref.cli.args import (
 )
 
 
+def check_options(args) -> None:
+    """The decode options a long-form run refuses (simulref.longform.check_config), as
+    usage errors before the model loads."""
+    from simulref.longform import check_config
+
+    try:
+        check_config(decode_config(args))
+    except ValueError as error:
+        names, _, rest = str(error).partition(":")
+        options = ", ".join("--" + n.strip().replace("_", "-") for n in names.split(","))
+        raise UsageError(f"{options}:{rest}") from None
+
+
 def check_longform(args, model) -> None:
     """Usage errors of the long-form options, before anything is decoded."""
     from simulref.limits import context_length

@@ -71,6 +71,10 @@ def run_translate(args) -> int:
 
     source = source_words(args.text)
     check_engine(decode_config(args), known_source=isinstance(source, list))
+    if args.longform:
+        from simulref.cli import longform
+
+        longform.check_options(args)
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
         from simulref.cli import longform

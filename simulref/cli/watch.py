@@ -99,6 +99,10 @@ def run_watch(args) -> int:
         _check_writable(args.save, "--save")
     source = source_words(args.text)
     check_engine(decode_config(args), known_source=False)  # watch replays even TEXT live
+    if args.longform:
+        from simulref.cli import longform
+
+        longform.check_options(args)
     model, tokenizer = load_model(args.model, args.dtype, args.adapter)
     if args.longform:  # an endless stream, sentence by sentence (simulref.cli.longform)
         from simulref.cli import longform

@@ -129,3 +129,17 @@ def test_eval_longform_scores_documents_next_to_short_form(gguf, capsys, tmp_pat
     assert main(["eval", str(data), "--model", gguf, "--layout", "interleaved",
                  "--out", str(tmp_path / "o2"), "--longform"]) == 2
     assert "--longform" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["translate", "watch"])
+@pytest.mark.parametrize(("options", "named"), [
+    (["--policy", "local-agreement:2"], "--policy: LocalAgreement"),
+    (["--layout", "interleaved"], "--layout"),
+    (["--engine", "prefilled"], "--engine"),
+    (["--stop-at-first-eos"], "--max-new-words, --stop-at-first-eos"),
+])
+def test_long_form_refusals_come_before_the_model_loads(command, options, named, no_model_load,
+                                                        capsys):
+    assert main([command, TEXT, "--longform", *options]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

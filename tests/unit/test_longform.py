@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_evict import one_layer_model
+from test_observing import LookingWaitK
 
 from simulref.decoder import token_table
 from simulref.longform import Evicted, Longform, SentenceDone, stream_longform
-from simulref.policy import LOOK, Confidence, LocalAgreement, WaitK
+from simulref.policy import Confidence, LocalAgreement, WaitK
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
 from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
 
@@ -268,20 +269,6 @@ def test_a_real_tiny_model_stays_bounded_too(llama, tok):
     bound = 100 + 2 * (3 * 4 + 16 * 2)
     assert session.peak_slots <= bound and session.peak_position <= bound
     assert session._run.engine.caches[0].keys.shape[2] <= 256
-
-
-class LookingWaitK:
-    """Observing, deciding as WaitK(k): it looks before every word, ignores the look."""
-
-    observes = True
-
-    def __init__(self, k: int):
-        self.plain = WaitK(k)
-
-    def decide(self, read, written, source_done, source_length=None, candidate=None):
-        if candidate is None and not source_done:
-            return LOOK
-        return self.plain.decide(read, written, source_done, source_length)
 
 
 @SETTINGS
