@@ -308,6 +308,19 @@ class IncrementalEngine(_Engine):
         self.stale = False
         self.shared.forget_target_start()
 
+    def restart(self, keep: int) -> None:
+        """Long-form (:mod:`simulref.longform`), a new turn: every slot past the first
+        ``keep`` goes (the last turn's source words and its whole target group; the first
+        ``keep`` are source), and the next target token starts a new target group, its
+        header first, as the first turn's did."""
+        if keep > self.shared.n_source:
+            raise AssertionError("decoder: a restart keeps source slots only")
+        self._trim(self.shared.length - keep)
+        self.fed.clear()
+        self.ahead.clear()
+        self.stale = False
+        self.shared.forget_target_start()
+
     # -- model calls
 
     def _drop_pending(self) -> None:
@@ -371,6 +384,11 @@ class FusedEngine(IncrementalEngine):
         if self.held is not None:  # a second read in a row: the first goes alone
             self._call(mx.array(self.held, dtype=mx.int32), SOURCE, lazy_source=False)
         self.held = list(ids)
+
+    def restart(self, keep: int) -> None:
+        if self.held is not None:  # (a turn ends after its tail was written: none)
+            raise AssertionError("decoder: a restart with a word held back")
+        super().restart(keep)
 
     def _refeed(self):
         import mlx.core as mx

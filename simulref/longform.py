@@ -10,8 +10,24 @@ between events. See docs/longform.md, "Context, eviction and positions".
 How it drives the ordinary decoder (:mod:`simulref.decoder`, unchanged): the words go
 into a :class:`~simulref.decoder.Feed` that only ends when the input does, one word each
 time the decoder asks (so a list and a generator of the same words give the same run).
-The prompt is one system turn, one user turn that holds the whole stream (source group)
-and one assistant turn that holds the whole target (target group), in one cache.
+In one cache, with group positions as in short-form:
+
+- **Turns** (``turns=True``, the default): the sentence being translated is the short-form
+  prompt's user and assistant turn, in the group layout, and the finished pairs are the
+  conversation before it, in the chat template's own order (user: a sentence; assistant:
+  its translation, as written). When a sentence's first word is read, the turn before
+  it leaves the group layout: its source words and its whole target group are trimmed
+  from the cache (``engine.restart``) and the pair goes in again as one chronological
+  chunk of the source group, with the new word: its words, the suffix, the header, the
+  target tokens written, the close of the assistant turn and the next user header
+  (:class:`~simulref.prompt.TurnBreak`). That costs one prefill of the pair's tokens per
+  sentence. The new turn's target group then starts afresh (``target_start="auto"``: at
+  the source tokens read when it first writes), so each sentence is decoded as in
+  short-form, with the conversation so far in place of the bare prefix.
+- **One turn** (``turns=False``): one user turn holds the whole stream (source group) and
+  one assistant turn the whole target (target group). Qwen 0.5B ends its turn after the
+  first sentence and writes nothing more (its EOS is dropped at every later word); kept
+  to measure that.
 
 - **Sentences**: :class:`~simulref.segment.SentenceSplitter` as words arrive, plus a cut
   after ``max_sentence_words`` words (an unpunctuated feed must not grow one sentence
@@ -31,16 +47,19 @@ and one assistant turn that holds the whole target (target group), in one cache.
   + source read + assistant header + target) passes ``context_budget`` tokens, whole pairs
   go, oldest first, until it is at most ``evict_to``; the prefix and the header stay, and
   so do the sentence being read and the previous pair (its last token is about to be fed
-  again).
+  again). With turns the finished pairs are all in the source group (the conversation),
+  so eviction removes the oldest pairs' chunks from the start of it: what stays is a
+  conversation that starts at the oldest kept pair.
 """
 
 # What this module relies on in the decoder and engines (no hook was added; a change
 # there must keep these, or give a hook): ``decoder._make_run`` and, on the _Run it
 # returns, ``policy`` (replaced by _SentencePolicy, whose ``guards_words_ahead`` turns
-# the loop's stream-wide runaway guard off: it guards per sentence), ``source_tokens``
+# the loop's stream-wide runaway guard off: it guards per sentence), ``word_tokens``
+# (the turn before read again with a sentence's first word), ``source_tokens``
 # (lowered by an eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
-# (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches`` and
-# ``shared``; and that between two events, just after a Read, the engine holds no
+# (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches``,
+# ``shared`` and ``restart``; and that between two events, just after a Read, the engine holds no
 # pending token (the last fed token is out of the cache, to be fed again).
 
 from __future__ import annotations
@@ -55,6 +74,7 @@ from .engine import FusedEngine, IncrementalEngine
 from .evict import METHODS, Evictor
 from .limits import guard_words
 from .policy import READ, is_agreement
+from .prompt import discover_turn_break
 from .segment import SentenceSplitter
 from .trace import DroppedEos, Finish, Read, Write
 
@@ -87,7 +107,8 @@ class SentenceDone:
 @dataclass(frozen=True)
 class Evicted:
     """Sentence pairs ``first .. last`` left the cache: ``source_tokens`` and
-    ``target_tokens`` tokens, by ``method``; ``context`` tokens are kept."""
+    ``target_tokens`` tokens of each group, by ``method``; ``context`` tokens are kept.
+    (With turns the finished pairs are in the source group, translations included.)"""
 
     first: int
     last: int
@@ -104,8 +125,9 @@ class _Pair:
 
     source_start: int  # stream index of its first word
     written_before: int  # target words written when its first word was read
-    target_first: int  # index into engine.fed of its first target token
-    source_tokens: int = 0
+    target_first: int  # index into engine.fed of its first target token (one turn)
+    ids: list[int] = field(default_factory=list)  # its words' ids, as read
+    history: int = 0  # (turns) its tokens in the conversation, once the turn is over
     words: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     evicted: bool = False
@@ -167,16 +189,21 @@ class Longform:
     ``"rotate"`` (fast; see :mod:`simulref.evict`). ``max_sentence_words``: a sentence
     is cut after that many words. ``sentence_starts``: the stream indices of the
     sentences' first words, when they are known (a dataset's documents); the splitter
-    and the cut are then not used. Decode options as for :func:`simulref.decoder.stream`
-    (group layout; engine ``auto``, ``fused`` or ``incremental``).
+    and the cut are then not used. ``turns``: each sentence pair a chat turn (default),
+    or the whole stream in one turn (see the module docstring). Decode options as for
+    :func:`simulref.decoder.stream` (group layout; engine ``auto``, ``fused`` or
+    ``incremental``).
     """
 
     def __init__(self, model, tokenizer, words, config: DecodeConfig | None = None, *,
                  context_budget: int = DEFAULT_BUDGET, evict_to: int | None = None,
                  eviction: str = "reprefill",
                  max_sentence_words: int = DEFAULT_SENTENCE_WORDS,
-                 sentence_starts=None, on_forward: Callable | None = None, **options):
+                 sentence_starts=None, turns: bool = True,
+                 on_forward: Callable | None = None, **options):
         config = DecodeConfig.of(config, **options)
+        if not isinstance(turns, bool):
+            raise TypeError(f"turns: expected a bool, got {turns!r}")
         if sentence_starts is not None:
             sentence_starts = _check_starts(sentence_starts)
         _check_positive("context_budget", context_budget)
@@ -207,6 +234,11 @@ class Longform:
                 engine.name not in ("incremental", "fused"):
             raise ValueError(f"engine: long-form decoding cannot run {engine.name!r}")
         self._run.policy = _SentencePolicy(self._run.policy, self)
+        self.turns = turns
+        if turns:
+            turn_break = discover_turn_break(tokenizer, self._run.template.chat_format)
+            self._close, self._open = turn_break.ids(tokenizer)
+            self._run.word_tokens = self._word_tokens
         self.evictor = Evictor(model, engine.caches, eviction)
         self._splitter = SentenceSplitter()
         # Known sentence boundaries (a dataset's documents): they replace the splitter.
@@ -258,7 +290,7 @@ class Longform:
 
     def settings(self, model_id: str):
         """The trace settings of this run (long-form options in ``extra``)."""
-        extra = dict(longform=True, context_budget=self.context_budget,
+        extra = dict(longform=True, turns=self.turns, context_budget=self.context_budget,
                      evict_to=self.evict_to, eviction=self.evictor.method,
                      max_sentence_words=self.max_sentence_words)
         if self.evictor.fallback:
@@ -319,7 +351,7 @@ class Longform:
                         yield self._done(len(self.pairs) - 1)
                     self.pairs.append(_Pair(event.source_index, run.written,
                                             max(len(engine.fed), self.header)))
-                self._account(event)
+                self._account(event, starts)
             elif isinstance(event, Write):
                 self.pairs[-1].targets.append(event.word)
             elif isinstance(event, Finish) and self.pairs:
@@ -332,10 +364,40 @@ class Longform:
                 if evicted is not None:
                     yield evicted
 
-    def _account(self, event: Read) -> None:
+    def _word_tokens(self, index: int, word: str) -> tuple[int, ...]:
+        """The ids read for stream word ``index`` (turns): a later sentence's first word is
+        the first of a new user turn, read after the turn before it (:meth:`_end_turn`)."""
+        template = self._run.template
+        if self.pairs and len(self._starts) > len(self.pairs) and \
+                self._starts[len(self.pairs)] == index:
+            return (*self._end_turn(), *template.word_ids(0, word))
+        return tuple(template.word_ids(index, word))
+
+    def _end_turn(self) -> tuple[int, ...]:
+        """Take the last sentence's turn out of the cache (its words and its target group)
+        and return it as the conversation's next chunk: the words, the suffix, the header,
+        the target tokens fed (every token written, blank runs included: what the model
+        wrote), the close and the next user header."""
+        run, template = self._run, self._run.template
+        pair = self.pairs[-1]
+        fed = run.engine.fed
+        target = fed[len(template.header_ids):] if fed else []
+        chunk = (*pair.ids, *template.suffix_ids, *template.header_ids, *target,
+                 *self._close, *self._open)
+        keep = run.source_tokens - len(pair.ids)  # the prefix and the conversation
+        run.engine.restart(keep)
+        run.source_tokens = keep
+        del self.source_ids[keep:]
+        pair.history = len(chunk)
+        return chunk
+
+    def _account(self, event: Read, starts: bool) -> None:
         pair = self.pairs[-1]
         pair.words.append(event.word)
-        pair.source_tokens += len(event.token_ids)
+        ids = event.token_ids
+        if starts and self.turns and len(self.pairs) > 1:
+            ids = ids[self.pairs[-2].history:]  # (the turn before, as a chunk of history)
+        pair.ids.extend(ids)
         self.source_ids.extend(event.token_ids)
 
     def _measure(self) -> None:
@@ -357,19 +419,24 @@ class Longform:
             return None
         run, engine = self._run, self._run.engine
         shared = engine.shared
-        # Pairs that may go: not the current one, and none holding a target token past
-        # the cache (the last fed token is out of the cache until it is fed again).
+        # Pairs that may go: not the current one, and (one turn) none holding a target
+        # token past the cache (the last fed token is out of it until it is fed again).
         first = next(i for i, p in enumerate(self.pairs) if not p.evicted)
         chosen, s_n, t_n, context = [], 0, 0, self.context
         for i in range(first, len(self.pairs) - 1):
             pair, following = self.pairs[i], self.pairs[i + 1]
-            tokens = following.target_first - pair.target_first
-            if context <= self.evict_to or following.target_first > shared.n_target:
+            if context <= self.evict_to:
                 break
+            if self.turns:  # the pair is a chunk of the conversation (source group)
+                source, tokens = pair.history, 0
+            else:
+                if following.target_first > shared.n_target:
+                    break
+                source, tokens = len(pair.ids), following.target_first - pair.target_first
             chosen.append(i)
-            s_n += pair.source_tokens
+            s_n += source
             t_n += tokens
-            context -= pair.source_tokens + tokens
+            context -= source + tokens
         if not chosen:
             return None
         head = max(0, min(self.header, shared.n_target))  # the header, once it is fed
@@ -389,14 +456,14 @@ class Longform:
 def stream_longform(model, tokenizer, words, config: DecodeConfig | None = None, *,
                     context_budget: int = DEFAULT_BUDGET, evict_to: int | None = None,
                     eviction: str = "reprefill",
-                    max_sentence_words: int = DEFAULT_SENTENCE_WORDS,
+                    max_sentence_words: int = DEFAULT_SENTENCE_WORDS, turns: bool = True,
                     on_forward: Callable | None = None, **options) -> Iterator:
     """Translate an unbounded stream of ``words``; yields the events of :class:`Longform`
     (arguments are checked here, not on the first ``next()``)."""
     return Longform(model, tokenizer, words, config, context_budget=context_budget,
                     evict_to=evict_to, eviction=eviction,
-                    max_sentence_words=max_sentence_words, on_forward=on_forward,
-                    **options).events()
+                    max_sentence_words=max_sentence_words, turns=turns,
+                    on_forward=on_forward, **options).events()
 
 
 def translate_document(model, tokenizer, document, config: DecodeConfig | None = None,

@@ -329,6 +329,9 @@ class _Run:
         self.written = 0
         self.source_done = False
         self.source_tokens = len(template.prefix_ids)  # prefix + words read
+        # (long-form) ``word_tokens(index, word) -> ids`` tokenizes the words read in
+        # place of the template: a sentence that starts a turn reads the last one with it.
+        self.word_tokens = None
 
     @property
     def caches(self):
@@ -359,7 +362,10 @@ class _Run:
             self.source_done = True
             return SourceEnd(self.read, ids, time.monotonic())
         word, is_last = got
-        ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
+        if self.word_tokens is not None:
+            ids = tuple(self.word_tokens(self.read, word))
+        else:
+            ids = self.word_ids.get(self.read) or tuple(self.template.word_ids(self.read, word))
         if is_last:
             ids += tuple(self.template.suffix_ids)
         if not self._fits(len(ids)):

@@ -138,6 +138,72 @@ def _folds_system(tokenizer, head: str) -> bool:
     return user_head.split(SENTINEL)[0] == head.split(SYS_SENTINEL)[0]
 
 
+ASSISTANT_SENTINEL = "SimulRefTargetSentinel7f3a"
+NEXT_SENTINEL = "SimulRefNextSentinel7f3a"
+
+
+@dataclass(frozen=True)
+class TurnBreak:
+    """What a chat template puts between an assistant turn's content and the next user
+    turn's content, cut where the two position groups meet: ``close`` ends the assistant
+    turn (target side; spelled as the user turn's suffix, e.g. ``"<|im_end|>\\n"``),
+    ``open`` starts the next user turn (source side, e.g. ``"<|im_start|>user\\n"``).
+    Long-form decoding (:mod:`simulref.longform`) makes each sentence pair a turn."""
+
+    close: str
+    open: str
+
+    def ids(self, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(close ids, open ids)``, each tokenized on its own as control text (as the
+        prefix and the header are)."""
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
+
+        return encode(self.close), encode(self.open)
+
+
+def discover_turn_break(tokenizer, chat_format: ChatFormat) -> TurnBreak:
+    """The :class:`TurnBreak` of ``tokenizer``'s chat template, for prompts in
+    ``chat_format``.
+
+    Renders a conversation of two user turns around an assistant turn (the instruction
+    placed as ``chat_format`` places it) and checks that it starts as the one-turn prompt
+    does (prefix, content, suffix, header) and that the second user turn ends with the
+    suffix. The text between the assistant's content and the next user's must start with
+    the suffix (a turn ends the same way for both roles, as in ChatML, Llama 3 and Gemma):
+    that is ``close``, the rest ``open``. Raises :class:`ChatFormatError` otherwise.
+    """
+    def fail(why: str) -> ChatFormatError:
+        return ChatFormatError(f"tokenizer: cannot discover how its chat template starts a "
+                               f"second turn ({why}); decode long-form with turns=False")
+
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise TypeError("tokenizer: expected a Hugging Face tokenizer or mlx-lm "
+                        f"TokenizerWrapper, got {type(tokenizer).__name__}")
+    if chat_format.system_placement == "system_turn":
+        first = [{"role": "system", "content": SYS_SENTINEL},
+                 {"role": "user", "content": SENTINEL}]
+    else:
+        first = [{"role": "user", "content": SYS_SENTINEL + "\n\n" + SENTINEL}]
+    messages = first + [{"role": "assistant", "content": ASSISTANT_SENTINEL},
+                        {"role": "user", "content": NEXT_SENTINEL}]
+    try:
+        text = _render(tokenizer, messages, False)
+    except Exception as error:  # templates signal what they refuse in many ways
+        raise fail(f"rendering failed: {error!r}") from error
+    start = (chat_format.render_prefix(SYS_SENTINEL) + SENTINEL + chat_format.suffix +
+             chat_format.header + ASSISTANT_SENTINEL)
+    if not text.startswith(start):
+        raise fail(f"the first turn renders differently from the prompt: {text!r}")
+    between, found, after = text[len(start):].partition(NEXT_SENTINEL)
+    if not found or after != chat_format.suffix:
+        raise fail(f"the second user turn does not end with the suffix: {text!r}")
+    if not chat_format.suffix or not between.startswith(chat_format.suffix):
+        raise fail(f"an assistant turn does not end with the user turn's suffix "
+                   f"{chat_format.suffix!r}: {between!r}")
+    return TurnBreak(close=chat_format.suffix, open=between[len(chat_format.suffix):])
+
+
 def _check_system(system) -> str:
     if not isinstance(system, str):
         raise TypeError(f"system: expected the instruction as a str, got {system!r}")

@@ -177,6 +177,11 @@ LONGFORM_OPTIONS: dict[str, Option] = {
         type=positive_int, default=1024, metavar="N",
         help="with --longform: context tokens above which old sentence pairs are "
              "evicted (default: 1024)")),
+    "one_turn": Option(("--one-turn",), dict(
+        action="store_true",
+        help="with --longform: the whole stream as one user turn and one assistant turn "
+             "(default: each finished sentence pair is a turn of the conversation; in one "
+             "turn a zero-shot model tends to stop after the first sentence)")),
     "eviction": Option(("--eviction",), dict(
         choices=("reprefill", "rotate"), default="reprefill",
         help="with --longform: reprefill (exact) or rotate (RoPE re-rotation: fast, "

@@ -22,6 +22,7 @@ def add_options(parser) -> None:
                         help="with --longform: sentences per document (default: 10)")
     LONGFORM_OPTIONS["context_budget"].add(parser)
     LONGFORM_OPTIONS["eviction"].add(parser)
+    LONGFORM_OPTIONS["one_turn"].add(parser)
 
 
 def check(args, layouts) -> None:
@@ -48,11 +49,13 @@ def run(args, model, tokenizer, pairs, base, ks, out: Path) -> list[dict]:
                   file=sys.stderr, flush=True)
             output, _ = translate_document(model, tokenizer, document, config,
                                            context_budget=args.context_budget,
-                                           eviction=args.eviction)
+                                           eviction=args.eviction,
+                                           turns=not args.one_turn)
             outputs.append(output)
         scores = longform_scores(outputs)
         rows.append({"k": k, "doc_size": args.doc_size, "documents": len(documents),
                      "context_budget": args.context_budget, "eviction": args.eviction,
+                     "turns": not args.one_turn,
                      **{key: (None if isinstance(v, float) and v != v else v)
                         for key, v in scores.items()}})
     (out / "longform.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")

@@ -54,7 +54,8 @@ def session(args, source, model, tokenizer):
 
     try:
         return Longform(model, tokenizer, source, decode_config(args),
-                        context_budget=args.context_budget, eviction=args.eviction)
+                        context_budget=args.context_budget, eviction=args.eviction,
+                        turns=not args.one_turn)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
 

@@ -293,11 +293,12 @@ def _longform(flat: list[dict], latency: list[dict], bleu: list[dict]) -> list[s
                       for r in latency])
     if bleu:
         out += ["", "## Long-form against short-form BLEU (k = 3, the same sentences)", ""]
-        out += table(["model", "sentences", "document size", "short-form", "long-form",
-                      "difference"],
+        out += table(["model", "sentences", "document size", "short-form",
+                      "long-form (turns)", "difference", "long-form (one turn)"],
                      [[r["model"], r["metrics"]["sentences"], r["metrics"]["doc_size"],
                        fmt(r["metrics"]["short_bleu"]), fmt(r["metrics"]["long_bleu"]),
-                       fmt(r["metrics"]["difference"])] for r in bleu])
+                       fmt(r["metrics"]["difference"]),
+                       fmt(r["metrics"].get("one_turn_bleu"))] for r in bleu])
     return out
 
 

@@ -123,7 +123,7 @@ def test_read_to_write_latency_does_not_drift(preset, loaded, record, benchmark)
                                 "median_first_s": median["first"],
                                 "median_last_s": median["last"],
                                 "sentences_without_a_write": silent,
-                                "peak_context": session.peak_context,
+                                "peak_context": session.peak_context, "turns": session.turns,
                                 "context_budget": session.context_budget}, **info)
     assert len(latencies) == DOCUMENT_SENTENCES
 
@@ -145,15 +145,23 @@ def test_long_form_against_short_form_bleu(preset, loaded, record, benchmark):
                                  batch_size=16)
         short = quality.corpus_bleu([t.target_text for t in traces],
                                     [p.reference for p in pairs])
-        outputs = [translate_document(model, tokenizer, d, config)[0]
-                   for d in build_documents(pairs, DOC_SIZE)]
-        return short, longform_scores(outputs)
+        documents = build_documents(pairs, DOC_SIZE)
+        long = {turns: longform_scores([translate_document(model, tokenizer, d, config,
+                                                           turns=turns)[0]
+                                        for d in documents])
+                for turns in (True, False)}
+        return short, long
 
-    short, scores = benchmark.pedantic(run, rounds=1, iterations=1)
+    short, long = benchmark.pedantic(run, rounds=1, iterations=1)
+    scores, one_turn = long[True], long[False]
     print(f"{preset} k=3 on {len(pairs)} sentences: short-form BLEU {short:.2f}, long-form "
-          f"(documents of {DOC_SIZE}) {scores['BLEU']:.2f} ({scores['BLEU'] - short:+.2f})")
+          f"(documents of {DOC_SIZE}) {scores['BLEU']:.2f} ({scores['BLEU'] - short:+.2f}), "
+          f"in one turn {one_turn['BLEU']:.2f}")
     record("longform_bleu", {"sentences": len(pairs), "doc_size": DOC_SIZE, "k": 3,
                              "short_bleu": short, "long_bleu": scores["BLEU"],
                              "difference": scores["BLEU"] - short,
-                             "empty_segments": scores["empty_segments"]}, **info)
-    assert scores["sentences"] == len(pairs)
+                             "long_chrf": scores.get("chrF"), "short_layout": "sentence",
+                             "one_turn_bleu": one_turn["BLEU"],
+                             "empty_segments": scores["empty_segments"],
+                             "one_turn_empty_segments": one_turn["empty_segments"]}, **info)
+    assert scores["sentences"] == one_turn["sentences"] == len(pairs)

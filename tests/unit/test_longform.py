@@ -120,13 +120,66 @@ def test_a_list_and_a_generator_give_the_same_run(llama, tok):
     assert any(isinstance(e, Evicted) for e in a)
 
 
+def turn_chunks(session, events):
+    """Per sentence, from the events alone: [its words' ids, its target tokens] (the ids a
+    later sentence's first read carries before its own words are the turn before it)."""
+    template = session._run.template
+    close, opening = session._close, session._open
+    pairs = []
+    for e in events:
+        if isinstance(e, Read):
+            if e.source_index in {p.source_start for p in session.pairs} and \
+                    len(pairs) < len(session.pairs):
+                ids = list(e.token_ids)
+                if pairs:  # the turn before, as the conversation's next chunk
+                    chunk = history(template, close, opening, *pairs[-1])
+                    assert ids[:len(chunk)] == chunk
+                    ids = ids[len(chunk):]
+                pairs.append([[], []])
+            else:
+                ids = list(e.token_ids)
+            pairs[-1][0].extend(ids)
+        elif isinstance(e, (Write, BlankRun)):
+            pairs[-1][1].extend(e.token_ids)
+        yield e, pairs
+
+
+def history(template, close, opening, source, target):
+    return [*source, *template.suffix_ids, *template.header_ids, *target, *close, *opening]
+
+
 @SETTINGS
 @given(words=documents, k=st.integers(1, 3), method=st.sampled_from(["rotate", "reprefill"]))
-def test_after_an_eviction_the_context_is_the_kept_pairs(llama, tok, words, k, method):
-    """The tokens the session and the engine keep are the prompt's fixed parts plus the
-    tokens of the pairs not evicted (from the events), and the cache holds them."""
-    session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=40,
+def test_after_an_eviction_the_context_is_the_kept_turns(llama, tok, words, k, method):
+    """Turns: the source the session and the cache keep is the prefix plus the kept pairs
+    as turns of the conversation (rebuilt from the events), then the sentence being read;
+    the target group is empty (a new turn has not written yet)."""
+    session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=60,
                        eviction=method)
+    engine, template = session._run.engine, session._run.template
+    gone, evictions = set(), 0
+    for e, pairs in turn_chunks(session, session.events()):
+        if isinstance(e, Evicted):
+            evictions += 1
+            assert e.target_tokens == 0
+            gone.update(range(e.first, e.last + 1))
+            kept = [history(template, session._close, session._open, *p)
+                    for i, p in enumerate(pairs[:-1]) if i not in gone]
+            source = [*template.prefix_ids, *(t for c in kept for t in c), *pairs[-1][0]]
+            assert session.source_ids == source
+            assert engine.fed == [] and engine.shared.n_target == 0
+            assert engine.shared.n_source == len(source) == session.context
+    assume(evictions)
+
+
+@SETTINGS
+@given(words=documents, k=st.integers(1, 3), method=st.sampled_from(["rotate", "reprefill"]))
+def test_after_an_eviction_the_context_is_the_kept_pairs_in_one_turn(llama, tok, words, k,
+                                                                      method):
+    """One turn: the tokens the session and the engine keep are the prompt's fixed parts
+    plus the tokens of the pairs not evicted (from the events), and the cache holds them."""
+    session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=40,
+                       eviction=method, turns=False)
     engine = session._run.engine
     template = session._run.template
     pairs, gone, evictions = [], set(), 0  # per sentence: [source ids, target ids]
@@ -152,6 +205,47 @@ def test_after_an_eviction_the_context_is_the_kept_pairs(llama, tok, words, k, m
     # Some short documents never evict (the pair being read and the one before it stay):
     # those examples check nothing here.
     assume(evictions)
+
+
+@SETTINGS
+@given(words=documents, k=st.integers(1, 3), engine=st.sampled_from(["fused", "incremental"]))
+def test_a_new_turn_starts_from_the_conversation_as_the_template_writes_it(llama, tok, words,
+                                                                           k, engine):
+    """At each later sentence's first read, the cache holds exactly the conversation so far
+    (its keys equal a fresh prefill of it, so no slot of the turn before is left behind),
+    and that conversation decodes to the chat template's own rendering of the finished
+    pairs (user: sentence, assistant: what was written) and the new sentence so far."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from simulref.prompt import DEFAULT_SYSTEM
+
+    session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=10_000,
+                       engine=engine)
+    run = session._run
+    checked = 0
+    for e, pairs in turn_chunks(session, session.events()):
+        if not (isinstance(e, Read) and len(pairs) > 1 and
+                e.source_index == session.pairs[-1].source_start):
+            continue
+        fresh = make_prompt_cache(llama)
+        llama(mx.array([session.source_ids]), cache=fresh)
+        n = len(session.source_ids)
+        assert run.engine.shared.length == run.engine.shared.n_source == n
+        for ours, theirs in zip(run.engine.caches, fresh, strict=True):
+            assert mx.abs(ours.keys[..., :n, :] - theirs.keys[..., :n, :]).max().item() < 1e-4
+            assert mx.abs(ours.values[..., :n, :] - theirs.values[..., :n, :]).max().item() \
+                < 1e-4
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}]
+        for source, target in pairs[:-1]:
+            messages += [{"role": "user", "content": tok.decode(source)},
+                         {"role": "assistant", "content": tok.decode(target)}]
+        messages.append({"role": "user", "content": tok.decode(pairs[-1][0])})
+        rendered = tok.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=False)
+        text = run.template.decode(session.source_ids + list(run.template.suffix_ids))
+        assert text == rendered
+        checked += 1
+    assume(checked)
 
 
 def test_the_guard_ends_a_sentence_the_model_never_ends(tok):

@@ -16,10 +16,13 @@ from simulref.prompt import (
     ChatFormat,
     ChatFormatError,
     Prompt,
+    TurnBreak,
     assemble,
     discover_chat_format,
+    discover_turn_break,
     template_for,
 )
+from simulref.testing import CHATML_TEMPLATE as CHATML_TEMPLATE_TEXT
 from simulref.testing import tiny_tokenizer
 
 # Chat templates written for these tests from the documented prompt formats of each family.
@@ -211,6 +214,62 @@ def test_our_system_text_replaces_a_default_system_prompt(tokenizers):
     assert "Qwen" not in prompt.text
     assert prompt.text.startswith("<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n")
     assert prompt.text.count("<|im_start|>system") == 1
+
+
+EXPECTED_BREAKS = {
+    "chatml": TurnBreak("<|im_end|>\n", "<|im_start|>user\n"),
+    "llama3": TurnBreak("<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\n"),
+    "gemma2": TurnBreak("<end_of_turn>\n", "<start_of_turn>user\n"),
+}
+EXPECTED_BREAKS["chatml-300"] = EXPECTED_BREAKS["qwen2.5"] = EXPECTED_BREAKS["chatml"]
+EXPECTED_BREAKS["gemma3"] = EXPECTED_BREAKS["gemma2"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_turn_break_rebuilds_the_templates_own_conversation(tokenizers, name):
+    """prefix, user 1, suffix, header, assistant, close, open, user 2, suffix is the chat
+    template's rendering of that conversation, for every family."""
+    tokenizer = tokenizers[name]
+    chat_format = discover_chat_format(tokenizer)
+    turn = discover_turn_break(tokenizer, chat_format)
+    assert turn == EXPECTED_BREAKS[name]
+    first = [{"role": "system", "content": "Do it"}, {"role": "user", "content": "one two"}]
+    if chat_format.system_placement == "user_turn":
+        first = [{"role": "user", "content": "Do it\n\none two"}]
+    rendered = tokenizer.apply_chat_template(
+        first + [{"role": "assistant", "content": "un deux"},
+                 {"role": "user", "content": "three"}], tokenize=False,
+        add_generation_prompt=False)
+    ours = (chat_format.render_prefix("Do it") + "one two" + chat_format.suffix +
+            chat_format.header + "un deux" + turn.close + turn.open + "three" +
+            chat_format.suffix)
+    assert ours == rendered
+    close, opening = turn.ids(tokenizer)
+    assert decode(tokenizer, close) == turn.close and decode(tokenizer, opening) == turn.open
+
+
+TURNLESS_TEMPLATES = {
+    "one turn only": (
+        "{% if messages | length > 2 %}{{ raise_exception('one turn') }}{% endif %}"
+        + CHATML_TEMPLATE_TEXT),
+    "assistant turns end differently": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ '</a>' }}{% else %}{{ '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "later turns differ from the first": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{{ '<|im_end|>\\n' if loop.index < 3 else '<|im_end|>\\n\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("why", list(TURNLESS_TEMPLATES))
+def test_a_template_without_a_second_turn_says_so(tiny_tok, retemplate, why):
+    tokenizer = retemplate(tiny_tok, TURNLESS_TEMPLATES[why])
+    chat_format = discover_chat_format(tokenizer)
+    with pytest.raises(ChatFormatError, match="second turn.*turns=False"):
+        discover_turn_break(tokenizer, chat_format)
 
 
 BROKEN_TEMPLATES = {
