@@ -73,13 +73,18 @@ from .decoder import NEED_INPUT, Feed, _make_run
 from .engine import FusedEngine, IncrementalEngine
 from .evict import METHODS, Evictor
 from .limits import guard_words
+from .loop import TURN_END
 from .policy import READ, is_agreement
 from .prompt import discover_turn_break
 from .segment import SentenceSplitter
-from .trace import DroppedEos, Finish, Read, Write
+from .trace import DroppedEos, Finish, Read, SourceEnd, Write
 
 DEFAULT_BUDGET = 1024
 DEFAULT_SENTENCE_WORDS = 64
+# Finished pairs kept in the conversation. 0: on Qwen 0.5B (postgres-en-fr, k = 3, 50
+# sentences in documents of 10) every pair kept costs BLEU: 0 pairs 25.5 (short-form
+# 25.7), 1 pair 18.2, 2 pairs 16.3, all the budget holds 19.5 (docs/longform.md).
+DEFAULT_HISTORY = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class _Pair:
     words: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     evicted: bool = False
+    closed: bool = False  # (turns) its user turn's suffix is read (ids holds it)
 
 
 class _SentencePolicy:
@@ -152,6 +158,8 @@ class _SentencePolicy:
         look = {} if candidate is None else {"candidate": candidate}
         if source_done or not session.pairs:
             return self.base.decide(read, written, source_done, source_length, **look)
+        if session.turn_to_close:  # the sentence is over: its suffix is read first
+            return READ
         pair = session.pairs[-1]  # the sentence of the last word read
         r = read - pair.source_start
         w = written - pair.written_before
@@ -159,6 +167,24 @@ class _SentencePolicy:
         if w >= guard_words(r):  # the runaway guard, per sentence: read on
             return READ
         return self.base.decide(r, w, closed, r if closed else None, **look)
+
+
+class _SentenceSource:
+    """The run's source (the Feed's words) with the sentences' ends in it (turns): once a
+    sentence is over, the next read is its user turn's suffix, alone (TURN_END), as a
+    short-form live source's at its end, so its tail is written after it, as in
+    short-form."""
+
+    def __init__(self, inner, session: Longform):
+        self.inner = inner
+        self.session = session
+        self.length = inner.length
+        self.known = inner.known
+
+    def next(self):
+        if self.session.turn_to_close:
+            return TURN_END
+        return self.inner.next()
 
 
 def check_config(config: DecodeConfig) -> None:
@@ -200,6 +226,7 @@ class Longform:
                  eviction: str = "reprefill",
                  max_sentence_words: int = DEFAULT_SENTENCE_WORDS,
                  sentence_starts=None, turns: bool = True,
+                 max_history: int | None = DEFAULT_HISTORY,
                  on_forward: Callable | None = None, **options):
         config = DecodeConfig.of(config, **options)
         if not isinstance(turns, bool):
@@ -214,6 +241,11 @@ class Longform:
             raise ValueError(f"evict_to: expected at most context_budget "
                              f"({context_budget}), got {evict_to}")
         _check_positive("max_sentence_words", max_sentence_words)
+        if max_history is not None and (isinstance(max_history, bool) or
+                                        not isinstance(max_history, int) or max_history < 0):
+            raise ValueError(f"max_history: expected None or an int >= 0, got "
+                             f"{max_history!r}")
+        self.max_history = max_history
         if eviction not in METHODS:
             raise ValueError(f"eviction: expected one of {METHODS}, got {eviction!r}")
         check_config(config)
@@ -234,6 +266,7 @@ class Longform:
                 engine.name not in ("incremental", "fused"):
             raise ValueError(f"engine: long-form decoding cannot run {engine.name!r}")
         self._run.policy = _SentencePolicy(self._run.policy, self)
+        self._run.source = _SentenceSource(self._run.source, self)
         self.turns = turns
         if turns:
             turn_break = discover_turn_break(tokenizer, self._run.template.chat_format)
@@ -284,13 +317,21 @@ class Longform:
         return max(shared.n_source, target)
 
     @property
+    def turn_to_close(self) -> bool:
+        """(turns) The sentence of the last word read is over and its user turn's suffix
+        is not read yet: the decoder's next read is the suffix (a SourceEnd)."""
+        return self.turns and bool(self.pairs) and not self.pairs[-1].closed and \
+            self.next_sentence_arrived
+
+    @property
     def next_sentence_arrived(self) -> bool:
         """Whether the sentence of the last word read is known to be over."""
         return len(self._starts) > len(self.pairs) or self._ended
 
     def settings(self, model_id: str):
         """The trace settings of this run (long-form options in ``extra``)."""
-        extra = dict(longform=True, turns=self.turns, context_budget=self.context_budget,
+        extra = dict(longform=True, turns=self.turns, max_history=self.max_history,
+                     context_budget=self.context_budget,
                      evict_to=self.evict_to, eviction=self.evictor.method,
                      max_sentence_words=self.max_sentence_words)
         if self.evictor.fallback:
@@ -354,6 +395,11 @@ class Longform:
                 self._account(event, starts)
             elif isinstance(event, Write):
                 self.pairs[-1].targets.append(event.word)
+            elif isinstance(event, SourceEnd):  # (turns) the sentence's user turn is over
+                pair = self.pairs[-1]
+                pair.ids.extend(event.token_ids)
+                pair.closed = True
+                self.source_ids.extend(event.token_ids)
             elif isinstance(event, Finish) and self.pairs:
                 yield self._done(len(self.pairs) - 1)  # context_limit: a bug, but say so
             last = event
@@ -382,7 +428,8 @@ class Longform:
         pair = self.pairs[-1]
         fed = run.engine.fed
         target = fed[len(template.header_ids):] if fed else []
-        chunk = (*pair.ids, *template.suffix_ids, *template.header_ids, *target,
+        suffix = () if pair.closed else template.suffix_ids  # (read with its SourceEnd)
+        chunk = (*pair.ids, *suffix, *template.header_ids, *target,
                  *self._close, *self._open)
         keep = run.source_tokens - len(pair.ids)  # the prefix and the conversation
         run.engine.restart(keep)
@@ -414,8 +461,12 @@ class Longform:
 
     def _maybe_evict(self) -> Evicted | None:
         """At the first read of a new sentence: evict whole old pairs while the context is
-        over budget (see the module docstring for what always stays)."""
-        if self.context <= self.context_budget:
+        over budget, or while more than ``max_history`` finished pairs are kept (see the
+        module docstring for what always stays)."""
+        kept = sum(not p.evicted for p in self.pairs) - 1  # finished pairs in the cache
+        over = kept - (kept if self.max_history is None else self.max_history)
+        over_budget = self.context > self.context_budget
+        if not over_budget and over <= 0:
             return None
         run, engine = self._run, self._run.engine
         shared = engine.shared
@@ -425,7 +476,7 @@ class Longform:
         chosen, s_n, t_n, context = [], 0, 0, self.context
         for i in range(first, len(self.pairs) - 1):
             pair, following = self.pairs[i], self.pairs[i + 1]
-            if context <= self.evict_to:
+            if (not over_budget or context <= self.evict_to) and len(chosen) >= over:
                 break
             if self.turns:  # the pair is a chunk of the conversation (source group)
                 source, tokens = pair.history, 0
@@ -457,13 +508,14 @@ def stream_longform(model, tokenizer, words, config: DecodeConfig | None = None,
                     context_budget: int = DEFAULT_BUDGET, evict_to: int | None = None,
                     eviction: str = "reprefill",
                     max_sentence_words: int = DEFAULT_SENTENCE_WORDS, turns: bool = True,
+                    max_history: int | None = DEFAULT_HISTORY,
                     on_forward: Callable | None = None, **options) -> Iterator:
     """Translate an unbounded stream of ``words``; yields the events of :class:`Longform`
     (arguments are checked here, not on the first ``next()``)."""
     return Longform(model, tokenizer, words, config, context_budget=context_budget,
                     evict_to=evict_to, eviction=eviction,
                     max_sentence_words=max_sentence_words, turns=turns,
-                    on_forward=on_forward, **options).events()
+                    max_history=max_history, on_forward=on_forward, **options).events()
 
 
 def translate_document(model, tokenizer, document, config: DecodeConfig | None = None,

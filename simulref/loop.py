@@ -167,6 +167,10 @@ PENDING = _Pending()
 # What a live source gives once it is over, after its last word was read without the
 # end-of-turn suffix: the suffix is read alone (a SourceEnd event).
 _END = object()
+# What a source that goes on may give between two words (long-form: the sentence read so
+# far is over): its user turn's suffix is read alone (a SourceEnd event), as a live
+# source's at its end, but the source is not done.
+TURN_END = object()
 
 
 def _check_feed_word(word) -> str:
@@ -352,14 +356,14 @@ class _Run:
         if got is None:
             self.source_done = True
             return None
-        if got is _END:
+        if got is _END or got is TURN_END:
             ids = tuple(self.template.suffix_ids)
             if not self._fits(len(ids)):
                 return CONTEXT_LIMIT
             self.source_tokens += len(ids)
             if ids:  # (a chat format may end the user turn with nothing)
                 self.engine.read(ids)
-            self.source_done = True
+            self.source_done = got is _END
             return SourceEnd(self.read, ids, time.monotonic())
         word, is_last = got
         if self.word_tokens is not None:

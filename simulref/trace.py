@@ -142,7 +142,8 @@ class SourceEnd:
     """A live source ended after ``source_index`` words (all of them read): its end
     became known only then, so the end-of-user-turn suffix, ``token_ids``, went in as a
     chunk of its own. (A source known up front, or a Feed word pushed ``last=True``,
-    carries the suffix in its last Read instead.) Not a word: the metrics count Reads."""
+    carries the suffix in its last Read instead.) In a long-form run it ends a sentence's
+    user turn (the stream goes on). Not a word: the metrics count Reads."""
 
     source_index: int
     token_ids: tuple[int, ...]

@@ -50,6 +50,11 @@ def batch_size(text: str) -> int | str:
     return "auto" if text == "auto" else positive_int(text)
 
 
+def history_size(text: str) -> int | None:
+    """'all' (None: as many pairs as the budget holds) or an int >= 0."""
+    return None if text == "all" else non_negative_int(text)
+
+
 def memory_size(text: str) -> int:
     from simulref.batch_memory import parse_size
 
@@ -171,8 +176,13 @@ LONGFORM_OPTIONS: dict[str, Option] = {
     "longform": Option(("--longform",), dict(
         action="store_true",
         help="translate an endless stream sentence by sentence at bounded memory: "
-             "finished sentence pairs stay as context, the oldest are evicted past "
-             "--context-budget (docs/longform.md)")),
+             "up to --max-history finished sentence pairs stay as context, the oldest "
+             "are evicted past --context-budget (docs/longform.md)")),
+    "max_history": Option(("--max-history",), dict(
+        type=history_size, default=0, metavar="N|all",
+        help="with --longform: finished sentence pairs kept as the conversation before "
+             "the sentence being read, or all that --context-budget holds (default: 0; "
+             "on Qwen 0.5B every pair kept costs BLEU, docs/longform.md)")),
     "context_budget": Option(("--context-budget",), dict(
         type=positive_int, default=1024, metavar="N",
         help="with --longform: context tokens above which old sentence pairs are "

@@ -211,6 +211,8 @@ def _evaluate(args, evaluate, pairs, out: Path, settings: dict, ks, layouts,
 
         longform = eval_longform.run(args, model, tokenizer, pairs, base, ks, out)
     plots = evaluate.write_plots(job, summaries, sentence=args.plot_sentence)
+    if longform is not None:
+        plots += eval_longform.plot(summaries, longform, out)
     console = stdout_console()
     if not console.is_terminal:  # a log or a pipe: room for every column (rich's default: 80)
         console = stdout_console(width=120)

@@ -21,6 +21,7 @@ def add_options(parser) -> None:
     parser.add_argument("--doc-size", type=positive_int, default=10, metavar="D",
                         help="with --longform: sentences per document (default: 10)")
     LONGFORM_OPTIONS["context_budget"].add(parser)
+    LONGFORM_OPTIONS["max_history"].add(parser)
     LONGFORM_OPTIONS["eviction"].add(parser)
     LONGFORM_OPTIONS["one_turn"].add(parser)
 
@@ -50,16 +51,47 @@ def run(args, model, tokenizer, pairs, base, ks, out: Path) -> list[dict]:
             output, _ = translate_document(model, tokenizer, document, config,
                                            context_budget=args.context_budget,
                                            eviction=args.eviction,
-                                           turns=not args.one_turn)
+                                           turns=not args.one_turn,
+                                           max_history=args.max_history)
             outputs.append(output)
         scores = longform_scores(outputs)
         rows.append({"k": k, "doc_size": args.doc_size, "documents": len(documents),
                      "context_budget": args.context_budget, "eviction": args.eviction,
-                     "turns": not args.one_turn,
+                     "turns": not args.one_turn, "max_history": args.max_history,
                      **{key: (None if isinstance(v, float) and v != v else v)
                         for key, v in scores.items()}})
     (out / "longform.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     return rows
+
+
+def _short_row(summaries, k: int):
+    return next((s for s in summaries if s.get("layout") == "group" and s.get("k") == k),
+                None)
+
+
+def plot(summaries, rows, out: Path) -> list[Path]:
+    """``longform-quality-latency.{png,svg}``: BLEU against YAAL, one curve for the
+    short-form runs (YAAL) and one for the long-form documents (LongYAAL), per k; the
+    two latencies are the same measure cut at the sentence's end and at the document's."""
+    from simulref.plots import plot_quality_latency
+
+    if not rows:
+        return []
+    short_name = "short-form (YAAL)"
+    long_name = f"long-form, documents of {rows[0]['doc_size']} (LongYAAL)"
+    curves: dict[str, list] = {short_name: [], long_name: []}
+    for row in rows:
+        short = _short_row(summaries, row["k"])
+        yaal = None if short is None else short["latency_reference_length"].get("YAAL")
+        if yaal is not None and short.get("bleu") is not None:
+            curves[short_name].append((yaal, short["bleu"], row["k"]))
+        if row.get("LongYAAL") is not None and row.get("BLEU") is not None:
+            curves[long_name].append((row["LongYAAL"], row["BLEU"], row["k"]))
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return []
+    return plot_quality_latency(curves, out / "longform-quality-latency",
+                                latency="YAAL / LongYAAL")
 
 
 def table(summaries, rows):
@@ -76,8 +108,7 @@ def table(summaries, rows):
         out.add_column(name, justify="left" if name in ("k", "form") else "right")
     for row in rows:
         k = row["k"]
-        short = next((s for s in summaries if s.get("layout") == "group" and s.get("k") == k),
-                     None)
+        short = _short_row(summaries, k)
         if short is not None:
             latency = short["latency_reference_length"]
             out.add_row(str(k), "short", fmt(short["bleu"]), fmt(short["chrf"]),

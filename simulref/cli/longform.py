@@ -55,7 +55,7 @@ def session(args, source, model, tokenizer):
     try:
         return Longform(model, tokenizer, source, decode_config(args),
                         context_budget=args.context_budget, eviction=args.eviction,
-                        turns=not args.one_turn)
+                        turns=not args.one_turn, max_history=args.max_history)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
 

@@ -267,6 +267,11 @@ def _policies(agreement: list[dict], confidence: list[dict]) -> list[str]:
     return out
 
 
+def _kept(max_history) -> str:
+    """Finished pairs kept in the conversation: a number, or all the budget holds."""
+    return "all" if max_history is None or max_history == "all" else str(max_history)
+
+
 def _longform(flat: list[dict], latency: list[dict], bleu: list[dict]) -> list[str]:
     out = []
     for r in flat:
@@ -283,21 +288,24 @@ def _longform(flat: list[dict], latency: list[dict], bleu: list[dict]) -> list[s
     if latency:
         out += ["", "## Read-to-write latency along a document (a live stream, k = 3)", ""]
         out += table(["model", "sentences", "median first 20 s", "median last 20 s", "x",
-                      "peak context", "budget", "sentences without a write"],
+                      "peak context", "budget", "pairs kept", "sentences without a write"],
                      [[r["model"], r["metrics"]["sentences"],
                        fmt(r["metrics"]["median_first_s"], 3),
                        fmt(r["metrics"]["median_last_s"], 3),
                        fmt(r["metrics"]["ratio_last_over_first"], 3),
                        r["metrics"]["peak_context"], r["metrics"]["context_budget"],
+                       _kept(r["metrics"].get("max_history", "all")),
                        len(r["metrics"].get("sentences_without_a_write", []))]
                       for r in latency])
     if bleu:
         out += ["", "## Long-form against short-form BLEU (k = 3, the same sentences)", ""]
         out += table(["model", "sentences", "document size", "short-form",
-                      "long-form (turns)", "difference", "long-form (one turn)"],
+                      "long-form (default)", "difference", "every pair kept",
+                      "one turn (every pair kept)"],
                      [[r["model"], r["metrics"]["sentences"], r["metrics"]["doc_size"],
                        fmt(r["metrics"]["short_bleu"]), fmt(r["metrics"]["long_bleu"]),
                        fmt(r["metrics"]["difference"]),
+                       fmt(r["metrics"].get("all_pairs_bleu")),
                        fmt(r["metrics"].get("one_turn_bleu"))] for r in bleu])
     return out
 

@@ -102,7 +102,19 @@ def test_a_kill_loses_at_most_the_sentence_in_flight(gguf, tmp_path):
         json.loads(line)  # no torn line
 
 
+def test_max_history_all_keeps_what_the_budget_holds(gguf, capsys):
+    run = Longform(models.load(gguf)[0], models.load(gguf)[1], TEXT, k=2,
+                   max_tokens_per_word=3, context_budget=120, max_history=None)
+    list(run.events())
+    assert main(["translate", TEXT, "--longform", "--max-history", "all", "--model", gguf,
+                 *FAST]) == 0
+    assert capsys.readouterr().out.splitlines() == [s.target for s in run.sentences]
+
+
 def test_usage_errors(gguf, capsys):
+    assert main(["translate", TEXT, "--longform", "--max-history", "-1", "--model",
+                 gguf]) == 2
+    assert "--max-history" in capsys.readouterr().err
     assert main(["watch", TEXT, "--longform", "--mode", "trace", "--model", gguf]) == 2
     assert "--mode" in capsys.readouterr().err
     assert main(["translate", TEXT, "--longform", "--context-budget", "100000",
@@ -126,6 +138,10 @@ def test_eval_longform_scores_documents_next_to_short_form(gguf, capsys, tmp_pat
     rows = json.loads((out / "longform.json").read_text())
     assert [(r["k"], r["documents"], r["sentences"]) for r in rows] == [(1, 2, 3), (2, 2, 3)]
     assert all("LongYAAL" in r and "BLEU" in r for r in rows)
+    assert all(r["turns"] and r["max_history"] == 0 for r in rows)
+    for suffix in ("png", "svg"):
+        assert (out / f"longform-quality-latency.{suffix}").stat().st_size > 0
+    assert "longform-quality-latency.png" in printed
     assert main(["eval", str(data), "--model", gguf, "--layout", "interleaved",
                  "--out", str(tmp_path / "o2"), "--longform"]) == 2
     assert "--longform" in capsys.readouterr().err

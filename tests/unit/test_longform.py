@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from test_evict import one_layer_model
 from test_observing import LookingWaitK
 
-from simulref.decoder import token_table
+from simulref.decoder import stream, token_table
 from simulref.longform import Evicted, Longform, SentenceDone, stream_longform
 from simulref.policy import Confidence, LocalAgreement, WaitK
 from simulref.testing import successor_model, tiny_model, tiny_tokenizer
-from simulref.trace import BlankRun, DroppedEos, Finish, Read, Write
+from simulref.trace import BlankRun, DroppedEos, Finish, Read, SourceEnd, Write
 
 WORDS = ["The", "dog", "runs.", "A", "cat", "sits", "here.", "We", "go", "home!", "fast",
          "now", "Is", "it?", "Dr.", "Smith", "came."]
@@ -44,6 +44,9 @@ def strip(events):
 
 
 def run(model, tok, words, **options):
+    """(Every pair the budget holds is kept unless a test says otherwise: the budget's
+    evictions are what most tests here are about.)"""
+    options.setdefault("max_history", None)
     session = Longform(model, tok, words, **options)
     return session, list(session.events())
 
@@ -112,6 +115,78 @@ def test_wait_k_runs_per_sentence(llama, tok, words, k):
             local += 1
 
 
+@SETTINGS
+@given(words=documents, k=st.integers(1, 3), engine=st.sampled_from(["fused", "incremental"]))
+def test_the_first_sentence_is_decoded_as_a_live_short_form_source(llama, tok, words, k,
+                                                                     engine):
+    """Up to the next sentence's first read, the run is the short-form run of the first
+    sentence read as a live source: its end is known only after its last word, so the
+    user turn's suffix goes in alone (SourceEnd) and the tail is written after it. (The
+    short-form run ends with its Finish; the long-form one drops that EOS and reads on.)"""
+    session, events = run(llama, tok, words, k=k, max_tokens_per_word=3, engine=engine,
+                          context_budget=10_000)
+    first = next(e for e in events if isinstance(e, SentenceDone))
+    short = list(stream(llama, tok, iter(first.source_words), k=k, max_tokens_per_word=3,
+                        engine=engine))
+    assert isinstance(short[-1], Finish)
+    cut = next(i for i, e in enumerate(events) if isinstance(e, SentenceDone))
+    mine, end = events[:cut], short[-1]
+    # Where the short-form run finishes (EOS, a word cut at the token limit, the guard),
+    # the long-form one goes on: EOS dropped, the word written, the next sentence read.
+    assert strip(mine[:len(short) - 1]) == strip(short[:-1])
+    assert end.reason in ("eos", "max_tokens_per_word", "max_new_words")
+    if end.reason == "eos":
+        assert isinstance(mine[len(short) - 1], DroppedEos)
+    if end.reason == "max_new_words":
+        assert len(mine) == len(short) - 1
+    assert sum(isinstance(e, SourceEnd) for e in mine) == 1
+
+
+@settings(SETTINGS, max_examples=5)
+@given(words=documents, k=st.integers(1, 3))
+def test_without_history_every_sentence_is_decoded_as_a_live_short_form_source(llama, tok,
+                                                                               words, k):
+    """max_history=0 with the exact eviction: each sentence starts from the bare prefix,
+    so it is decoded as the short-form run of its words read as a live source (up to
+    where that run finishes; the first read also carries the turn before, evicted)."""
+    options = dict(k=k, max_tokens_per_word=3, engine="incremental")
+    session, events = run(llama, tok, words, max_history=0, eviction="reprefill",
+                          **options)
+    where = [i for i, e in enumerate(events) if isinstance(e, SentenceDone)]
+    begin = 0
+    for end in where:
+        sentence = events[end]
+        mine = [e for e in events[begin:end] if not isinstance(e, Evicted)]
+        if sentence.index:  # its first read, without the turn before
+            read = mine[0]
+            mine[0] = Read(read.source_index, read.word,
+                           tuple(session._run.template.word_ids(0, read.word)), read.t)
+        short = list(stream(llama, tok, iter(sentence.source_words), **options))
+        shift = {"source_index": sentence.source_start, "target_index": sentence.target_start}
+        assert strip(mine[:len(short) - 1]) == [
+            (name, {key: value + shift[key] if key in shift else value
+                    for key, value in fields.items()})
+            for name, fields in strip(short[:-1])]
+        begin = end + 1
+    evicted = [e for e in events if isinstance(e, Evicted)]
+    assert [(e.first, e.last) for e in evicted] == [(i, i) for i in range(len(where) - 1)]
+
+
+@settings(SETTINGS, max_examples=5)
+@given(words=documents, k=st.integers(1, 3), keep=st.integers(0, 3),
+       budget=st.sampled_from([60, 10_000]))
+def test_max_history_bounds_the_pairs_kept(llama, tok, words, k, keep, budget):
+    """Once a new sentence's first read is done (and any eviction after it), at most
+    ``max_history`` finished pairs are in the cache, whatever the budget."""
+    session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, max_history=keep,
+                       context_budget=budget)
+    started = False
+    for e in session.events():
+        if started and not isinstance(e, Evicted):
+            assert sum(not p.evicted for p in session.pairs) - 1 <= keep
+        started = isinstance(e, Read) and e.source_index == session.pairs[-1].source_start
+
+
 def test_a_list_and_a_generator_give_the_same_run(llama, tok):
     words = "The dog runs. A cat sits here. We go home!".split()
     _, a = run(llama, tok, words, k=2, context_budget=60, max_tokens_per_word=3)
@@ -122,25 +197,31 @@ def test_a_list_and_a_generator_give_the_same_run(llama, tok):
 
 def turn_chunks(session, events):
     """Per sentence, from the events alone: [its words' ids, its target tokens] (the ids a
-    later sentence's first read carries before its own words are the turn before it)."""
+    later sentence's first read carries before its own words are the turn before it).
+    Every turn is closed, before the next starts, by one SourceEnd reading its suffix."""
     template = session._run.template
     close, opening = session._close, session._open
-    pairs = []
+    pairs, closed = [], []
     for e in events:
         if isinstance(e, Read):
             if e.source_index in {p.source_start for p in session.pairs} and \
                     len(pairs) < len(session.pairs):
                 ids = list(e.token_ids)
                 if pairs:  # the turn before, as the conversation's next chunk
+                    assert closed[-1]
                     chunk = history(template, close, opening, *pairs[-1])
                     assert ids[:len(chunk)] == chunk
                     ids = ids[len(chunk):]
                 pairs.append([[], []])
+                closed.append(False)
             else:
                 ids = list(e.token_ids)
             pairs[-1][0].extend(ids)
         elif isinstance(e, (Write, BlankRun)):
             pairs[-1][1].extend(e.token_ids)
+        elif isinstance(e, SourceEnd):
+            assert e.token_ids == template.suffix_ids and not closed[-1]
+            closed[-1] = True
         yield e, pairs
 
 
@@ -155,6 +236,7 @@ def test_after_an_eviction_the_context_is_the_kept_turns(llama, tok, words, k, m
     as turns of the conversation (rebuilt from the events), then the sentence being read;
     the target group is empty (a new turn has not written yet)."""
     session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=60,
+                       max_history=None,
                        eviction=method)
     engine, template = session._run.engine, session._run.template
     gone, evictions = set(), 0
@@ -179,6 +261,7 @@ def test_after_an_eviction_the_context_is_the_kept_pairs_in_one_turn(llama, tok,
     """One turn: the tokens the session and the engine keep are the prompt's fixed parts
     plus the tokens of the pairs not evicted (from the events), and the cache holds them."""
     session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=40,
+                       max_history=None,
                        eviction=method, turns=False)
     engine = session._run.engine
     template = session._run.template
@@ -220,6 +303,7 @@ def test_a_new_turn_starts_from_the_conversation_as_the_template_writes_it(llama
     from simulref.prompt import DEFAULT_SYSTEM
 
     session = Longform(llama, tok, words, k=k, max_tokens_per_word=2, context_budget=10_000,
+                       max_history=None,
                        engine=engine)
     run = session._run
     checked = 0
@@ -298,7 +382,8 @@ def test_rotate_gives_the_reprefill_run_on_one_layer(tok, arch, words, k):
 
 def test_memory_and_positions_stay_bounded_over_hundreds_of_sentences(tok):
     words = "The dog runs. A cat sits. We go.".split() * 100  # 300 sentences
-    session = Longform(looping_model(tok), tok, words, k=1, context_budget=120)
+    session = Longform(looping_model(tok), tok, words, k=1, context_budget=120,
+                       max_history=None)
     peaks = []
     for e in session.events():
         if isinstance(e, SentenceDone) and e.index % 30 == 29:
@@ -326,6 +411,8 @@ def test_bad_arguments_are_named(llama, tok):
                          (dict(engine="reencode"), "engine"),
                          (dict(max_new_words=3), "max_new_words"),
                          (dict(max_sentence_words=0), "max_sentence_words"),
+                         (dict(max_history=-1), "max_history"),
+                         (dict(max_history=True), "max_history"),
                          (dict(policy=LocalAgreement(2)), "policy: LocalAgreement")]:
         with pytest.raises(ValueError, match=name):
             stream_longform(llama, tok, "a b", **kwargs)
@@ -357,7 +444,8 @@ def test_a_real_tiny_model_stays_bounded_too(llama, tok):
     sentences of 3 words: at most the budget plus two pairs (each at most its words'
     tokens and the guard's 16 words of 2 tokens), whatever the stream's length."""
     words = "The dog runs. A cat sits. We go.".split() * 30
-    session = Longform(llama, tok, words, k=1, max_tokens_per_word=2, context_budget=100)
+    session = Longform(llama, tok, words, k=1, max_tokens_per_word=2, context_budget=100,
+                       max_history=None)
     evictions = sum(isinstance(e, Evicted) for e in session.events())
     assert len(session.sentences) == 90 and evictions > 20
     bound = 100 + 2 * (3 * 4 + 16 * 2)
