@@ -42,9 +42,18 @@ class SourceDocument:
                elapsed: Sequence[float] | None = None) -> Document:
         """The document's long-form output, ready for :mod:`simulref.longform_metrics`:
         one entry per hypothesis word, delays in source words read from the stream's
-        start (``elapsed`` likewise, with computation)."""
-        return Document(self.sources, self.references, tuple(words), tuple(delays),
-                        None if elapsed is None else tuple(elapsed))
+        start (``elapsed`` likewise, with computation). A written word with whitespace
+        inside (a model may write ``":\n\nVérifiez"`` as one word: its tokens open no
+        word) is its pieces, each with the word's delay: the scorer aligns words."""
+        times = [None] * len(words) if elapsed is None else list(elapsed)
+        if not len(words) == len(delays) == len(times):
+            raise ValueError(f"delays, elapsed: expected one per word ({len(words)}), got "
+                             f"{len(delays)} and {len(times)}")
+        split = [(piece, d, e) for w, d, e in zip(words, delays, times, strict=True)
+                 for piece in w.split()]
+        return Document(self.sources, self.references, tuple(p for p, _, _ in split),
+                        tuple(d for _, d, _ in split),
+                        None if elapsed is None else tuple(e for _, _, e in split))
 
 
 def _pair(n: int, item: object) -> tuple[str, str]:

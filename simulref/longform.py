@@ -23,7 +23,12 @@ In one cache, with group positions as in short-form:
   (:class:`~simulref.prompt.TurnBreak`). That costs one prefill of the pair's tokens per
   sentence. The new turn's target group then starts afresh (``target_start="auto"``: at
   the source tokens read when it first writes), so each sentence is decoded as in
-  short-form, with the conversation so far in place of the bare prefix.
+  short-form, with the conversation so far in place of the bare prefix. Once a sentence
+  is settled (the next one's first word arrived, or the input ended), its user turn's
+  suffix is read alone (a SourceEnd: the source gives ``loop.TURN_END``) before its tail
+  is written, as a short-form live source's at its end. Up to ``max_history`` (default
+  0) finished pairs stay in the conversation: on Qwen 0.5B each pair kept costs BLEU
+  (docs/longform.md, "How many pairs stay").
 - **One turn** (``turns=False``): one user turn holds the whole stream (source group) and
   one assistant turn the whole target (target group). Qwen 0.5B ends its turn after the
   first sentence and writes nothing more (its EOS is dropped at every later word); kept
@@ -45,18 +50,20 @@ In one cache, with group positions as in short-form:
   policy above that is each sentence's own translation, tail included.
 - **Eviction** (:mod:`simulref.evict`): when a new sentence starts and the context (prefix
   + source read + assistant header + target) passes ``context_budget`` tokens, whole pairs
-  go, oldest first, until it is at most ``evict_to``; the prefix and the header stay, and
+  go, oldest first, until it is at most ``evict_to`` (and, whatever the budget, until at
+  most ``max_history`` finished pairs are left); the prefix and the header stay, and
   so do the sentence being read and the previous pair (its last token is about to be fed
   again). With turns the finished pairs are all in the source group (the conversation),
   so eviction removes the oldest pairs' chunks from the start of it: what stays is a
   conversation that starts at the oldest kept pair.
 """
 
-# What this module relies on in the decoder and engines (no hook was added; a change
+# What this module relies on in the decoder and engines (one hook, loop.TURN_END; a change
 # there must keep these, or give a hook): ``decoder._make_run`` and, on the _Run it
 # returns, ``policy`` (replaced by _SentencePolicy, whose ``guards_words_ahead`` turns
 # the loop's stream-wide runaway guard off: it guards per sentence), ``word_tokens``
-# (the turn before read again with a sentence's first word), ``source_tokens``
+# (the turn before read again with a sentence's first word), ``source`` (replaced by
+# _SentenceSource, which gives TURN_END), ``source_tokens``
 # (lowered by an eviction), ``read``, ``written``, ``template`` and ``engine``; on the engine
 # (IncrementalEngine / FusedEngine) ``fed`` (evicted tokens deleted), ``caches``,
 # ``shared`` and ``restart``; and that between two events, just after a Read, the engine holds no
@@ -215,7 +222,8 @@ class Longform:
     ``"rotate"`` (fast; see :mod:`simulref.evict`). ``max_sentence_words``: a sentence
     is cut after that many words. ``sentence_starts``: the stream indices of the
     sentences' first words, when they are known (a dataset's documents); the splitter
-    and the cut are then not used. ``turns``: each sentence pair a chat turn (default),
+    and the cut are then not used. ``max_history``: finished pairs kept in the context
+    (None: as many as the budget holds). ``turns``: each sentence pair a chat turn (default),
     or the whole stream in one turn (see the module docstring). Decode options as for
     :func:`simulref.decoder.stream` (group layout; engine ``auto``, ``fused`` or
     ``incremental``).
@@ -373,9 +381,8 @@ class Longform:
                 if not self._ended:
                     self._arrive()  # the decoder asks again, maybe the sentence is over
                     continue
-                # Asked again with the input over: the last sentence's tail is written
-                # (EOS, or its guard). The end-of-turn suffix is not read: nothing would
-                # follow it but more target for a sentence already finished.
+                # Asked again with the input over: the last sentence's suffix is read
+                # (turns) and its tail written (EOS, or its guard).
                 if self.pairs:
                     yield self._done(len(self.pairs) - 1)
                     reason = "eos" if isinstance(last, DroppedEos) else "max_new_words"

@@ -78,3 +78,16 @@ def test_the_clock_points_at_each_sentence_in_the_stream(pairs, size):
 def test_documents_of_one_sentence_are_the_short_form_sentences(pairs):
     docs = build_documents(pairs, 1)
     assert [(d.sources[0], d.references[0]) for d in docs] == pairs
+
+
+def test_a_written_word_with_whitespace_inside_is_scored_as_its_pieces():
+    """A model may write one word whose tokens hold a newline (``":\\n\\nVérifiez"``): the
+    output has its pieces, each with its delay, and the resegmenter can score it."""
+    (document,) = build_documents([("check the file", "vérifiez le fichier")], 1)
+    output = document.output(["Voici:\n\n\"Vérifiez", "le", "fichier"], [1, 2, 3],
+                             elapsed=[1.5, 2.5, 3.5])
+    assert output.words == ("Voici:", "\"Vérifiez", "le", "fichier")
+    assert output.delays == (1, 1, 2, 3) and output.elapsed == (1.5, 1.5, 2.5, 3.5)
+    assert longform_scores([output])["sentences"] == 1
+    with pytest.raises(ValueError, match="delays"):
+        document.output(["a", "b"], [1])
